@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_scopes -*-
+"""The node: a Twisted service that owns the registry, the state and the handlers."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+from uuid import UUID, uuid4
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from meshd import builtins
+from meshd.auth import DevelopmentAuthenticator, IAuthenticator, TokenAuthenticator
+from meshd.codec import ErrorCode, Opcode, ProtocolError, decode, encode
+from meshd.config import Config
+from meshd.handlers import Handlers, Request, lookup
+from meshd.permissions import Policy
+from meshd.registry import Registry
+from meshd.session import Session
+from meshd.state import NodeState
+from meshd.websocket import CLOSE_HELLO_TIMEOUT, MeshServerFactory
+
+
+class Application(MultiService):
+    """One meshd node.
+
+    Server-side code reaches the event scopes through :attr:`state` (also
+    :meth:`get_state`), adds opcode handlers through :attr:`handlers`, and
+    runs its own services as children (``app.addService(...)``), so that
+    they start and stop with the node.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config = Config(),
+        *,
+        clock: Optional[IReactorTime] = None,
+        authenticator: Optional[IAuthenticator] = None,
+    ) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.config = config
+        self.clock = clock
+        self.node_id: UUID = config.node_id or uuid4()
+        self.registry = Registry()
+        self.state = NodeState(self.node_id, self.registry)
+        self.policy = Policy.development() if config.development else Policy(config.rules)
+        if authenticator is None:
+            if config.tokens or not config.development:
+                authenticator = TokenAuthenticator(config.tokens)
+            else:
+                authenticator = DevelopmentAuthenticator()
+        self.authenticator = authenticator
+        self.handlers = Handlers()
+        builtins.install(self.handlers)
+        self.factory = MeshServerFactory(self, config)
+        self._hello_timers: dict[Session, Any] = {}
+
+    def get_state(self) -> NodeState:
+        return self.state
+
+    # -- wiring -------------------------------------------------------------------
+
+    def listen(self, endpoint: str) -> None:
+        """Serve WebSocket clients on a server endpoint string (started with the app)."""
+        service = strports.service(endpoint, self.factory)
+        service.setName(f"websocket:{endpoint}")
+        service.setServiceParent(self)
+
+    def load_extension(self, module_name: str) -> None:
+        """Import ``module_name`` and call its ``setup(app)``."""
+        module = importlib.import_module(module_name)
+        setup = getattr(module, "setup", None)
+        if not callable(setup):
+            raise ValueError(f"extension module {module_name!r} has no setup(app) function")
+        setup(self)
+        self.log.info("Loaded extension {module}", module=module_name)
+
+    def startService(self) -> None:
+        if self.config.development:
+            self.log.warn(
+                "meshd {node} in development mode (no configuration file): listening on "
+                "loopback only; every operation is allowed and any token is accepted",
+                node=self.node_id,
+            )
+        self.log.info(
+            "meshd node {node} starting; WebSocket on {listen}",
+            node=self.node_id,
+            listen=", ".join(self.config.listen),
+        )
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        self.log.info("meshd node {node} stopping", node=self.node_id)
+        for session in list(self.registry.sessions.values()):
+            if session.is_open:
+                session.protocol.sendClose(1000, "node shutting down")
+        return super().stopService()
+
+    # -- sessions -----------------------------------------------------------------
+
+    def open_session(self, protocol, peer: str = "") -> Session:
+        session = Session(protocol, peer, max_backlog=self.config.max_send_buffer)
+        self.registry.add(session)
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.registerProducer(session, True)
+        timeout = self.config.hello_timeout
+        if timeout > 0:
+            self._hello_timers[session] = self.clock.callLater(
+                timeout, self._hello_timed_out, session
+            )
+        return session
+
+    def hello_done(self, session: Session) -> None:
+        timer = self._hello_timers.pop(session, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _hello_timed_out(self, session: Session) -> None:
+        self._hello_timers.pop(session, None)
+        if session.is_open and not session.helloed:
+            self.log.info("Closing {session}: no Hello in time", session=session.id)
+            session.protocol.sendClose(CLOSE_HELLO_TIMEOUT, "no Hello in time")
+
+    def close_session(self, session: Session) -> None:
+        self.hello_done(session)
+        self.registry.remove(session)
+
+    # -- dispatch -----------------------------------------------------------------
+
+    def dispatch(self, session: Session, data: bytes) -> None:
+        """Handle one binary message from ``session``; answer bad input with an Error frame."""
+        try:
+            message = decode(data)
+        except ProtocolError as e:
+            self._refuse(session, e, 0)
+            return
+        request = Request(self, session, message)
+        try:
+            registration = lookup(self.handlers, session, message)
+            result = registration.handler(request)
+        except Exception as e:
+            self._failed(request, Failure(e))
+            return
+        if isinstance(result, Deferred):
+            result.addCallbacks(lambda r: self._finish(request, r), lambda f: self._failed(request, f))
+        else:
+            self._finish(request, result)
+
+    def _finish(self, request: Request, result: Any) -> None:
+        if request.replied or request.message.request_id == 0:
+            return
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            request.reply(Opcode.Ack, payload=bytes(result))
+        else:
+            request.reply(Opcode.Ack)
+
+    def _failed(self, request: Request, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, ProtocolError):
+            self.log.failure(
+                "Handler for opcode {opcode} failed", failure, opcode=request.message.opcode
+            )
+            error = ProtocolError(ErrorCode.InternalError, "the node failed to handle this frame")
+        self._refuse(request.session, error, request.message.request_id)
+
+    def _refuse(self, session: Session, error: ProtocolError, request_id: int) -> None:
+        session.send_frame(
+            encode(
+                Opcode.Error,
+                request_id=request_id or error.request_id,
+                error_code=error.code,
+                message=error.message,
+            )
+        )

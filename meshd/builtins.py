@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_handlers -*-
+"""The built-in handlers: Hello, Subscribe, Unsubscribe, Publish, Watch, Unwatch, Ping."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Optional
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable
+from meshd.handlers import Handlers, Request
+from meshd.permissions import PUBLISH, SUBSCRIBE, WATCH
+
+
+def install(handlers: Handlers) -> None:
+    handlers._install(Opcode.Hello, hello, requires_hello=False)
+    handlers._install(Opcode.Ping, ping, requires_hello=False)
+    handlers._install(Opcode.Subscribe, subscribe)
+    handlers._install(Opcode.Unsubscribe, unsubscribe)
+    handlers._install(Opcode.Publish, publish)
+    handlers._install(Opcode.Watch, watch)
+    handlers._install(Opcode.Unwatch, unwatch)
+
+
+def hello(request: Request) -> Optional[Deferred]:
+    session, message = request.session, request.message
+    if session.helloed:
+        raise ProtocolError(ErrorCode.AlreadyHello, "this session has said Hello already")
+    if session.principal is not None:  # an authentication is under way
+        raise ProtocolError(ErrorCode.AlreadyHello, "a Hello is being processed already")
+    if message.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UnsupportedVersion,
+            f"protocol version {message.version} is not supported; this node speaks {PROTOCOL_VERSION}",
+        )
+    if message.token is None:
+        _welcome(request, None)
+        return None
+    session.principal = ""  # marks the authentication as under way
+    d = maybeDeferred(request.app.authenticator.authenticate, message.token)
+
+    def authenticated(principal: Optional[str]) -> None:
+        if not principal:
+            session.principal = None
+            raise ProtocolError(ErrorCode.AuthenticationFailed, "the token was not accepted")
+        _welcome(request, principal)
+
+    def failed(failure):
+        session.principal = None
+        return failure
+
+    return d.addCallbacks(authenticated, failed)
+
+
+def _welcome(request: Request, principal: Optional[str]) -> None:
+    session, app = request.session, request.app
+    session.principal = principal
+    session.authenticated = principal is not None
+    session.helloed = True
+    app.hello_done(session)
+    request.reply(
+        Opcode.Welcome,
+        session=session.id,
+        node=app.node_id,
+        version=PROTOCOL_VERSION,
+        principal=principal,
+        max_message_size=app.config.max_message_size,
+    )
+
+
+def ping(request: Request) -> None:
+    request.reply(Opcode.Pong, payload=request.message.payload)
+
+
+def subscribe(request: Request) -> None:
+    session, app = request.session, request.app
+    channel = _channel(request)
+    _require(request, SUBSCRIBE, channel)
+    if channel not in session.channels and len(session.channels) >= app.config.max_subscriptions:
+        raise ProtocolError(
+            ErrorCode.TooManySubscriptions,
+            f"a session may hold {app.config.max_subscriptions} subscriptions",
+        )
+    app.registry.subscribe(session, channel)
+
+
+def unsubscribe(request: Request) -> None:
+    request.app.registry.unsubscribe(request.session, _channel(request))
+
+
+def publish(request: Request) -> None:
+    session, message = request.session, request.message
+    channel = _channel(request)
+    _require(request, PUBLISH, channel)
+    state = request.state
+    state.clients.broadcast_to_channel(
+        state.node_id,
+        channel,
+        message.payload or b"",
+        exclude=session.id if message.exclude_self else None,
+        local_only=False,
+        instance=session.id,
+    )
+
+
+def watch(request: Request) -> None:
+    session, app = request.session, request.app
+    watchable = _watchable(request)
+    _require(request, WATCH, f"{watchable.kind}/{watchable.id}")
+    if watchable not in session.watching and len(session.watching) >= app.config.max_watches:
+        raise ProtocolError(
+            ErrorCode.TooManyWatches, f"a session may hold {app.config.max_watches} watches"
+        )
+    app.registry.watch(session, watchable)
+
+
+def unwatch(request: Request) -> None:
+    request.app.registry.unwatch(request.session, _watchable(request))
+
+
+# -- checks shared by the handlers ----------------------------------------------
+
+
+def _require(request: Request, action: str, target: str) -> None:
+    session = request.session
+    if not request.app.policy.allows(action, target, session.authenticated):
+        who = f"principal {session.principal!r}" if session.authenticated else "an anonymous session"
+        raise ProtocolError(ErrorCode.PermissionDenied, f"{who} may not {action} {target!r}")
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
+def _channel(request: Request) -> str:
+    channel = request.message.channel
+    if channel is None:
+        raise ProtocolError(
+            ErrorCode.MissingField, f"opcode {request.message.opcode} needs a channel"
+        )
+    limit = request.app.config.max_channel_length
+    if not channel:
+        raise ProtocolError(ErrorCode.InvalidChannel, "the channel name is empty")
+    if len(channel.encode("utf-8")) > limit:
+        raise ProtocolError(ErrorCode.InvalidChannel, f"channel names are at most {limit} bytes")
+    if _has_control_characters(channel):
+        raise ProtocolError(ErrorCode.InvalidChannel, "channel names may not hold control characters")
+    return channel
+
+
+def _watchable(request: Request) -> Watchable:
+    watchable = request.message.watchable
+    if watchable is None:
+        raise ProtocolError(
+            ErrorCode.MissingField, f"opcode {request.message.opcode} needs a watchable"
+        )
+    limit = request.app.config.max_watchable_length
+    for part, value in (("kind", watchable.kind), ("id", watchable.id)):
+        if not value:
+            raise ProtocolError(ErrorCode.InvalidWatchable, f"the watchable's {part} is empty")
+        if len(value.encode("utf-8")) > limit:
+            raise ProtocolError(
+                ErrorCode.InvalidWatchable, f"a watchable's {part} is at most {limit} bytes"
+            )
+        if _has_control_characters(value):
+            raise ProtocolError(
+                ErrorCode.InvalidWatchable, f"the watchable's {part} holds a control character"
+            )
+    return watchable

@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.test_config -*-
+"""Node configuration: a TOML file, overridden by command-line flags.
+
+Every key is listed in ``docs/configuration.md``.  Any unknown key or bad
+value is refused with a :class:`ConfigError` that names the file and key.
+Without a file the node runs in *development mode*: it listens on loopback
+only, allows every operation, and accepts any token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+from uuid import UUID
+
+from meshd.permissions import ACTIONS, Rule
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_LISTEN = "tcp:8765:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A configuration that the node refuses to start with."""
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Optional[Path] = None
+    # [node]
+    node_id: Optional[UUID] = None
+    node_name: str = ""
+    # [websocket]
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    max_message_size: int = 65536
+    allowed_origins: tuple[str, ...] = ("*",)
+    auto_ping_interval: float = 30.0
+    auto_ping_timeout: float = 10.0
+    open_handshake_timeout: float = 10.0
+    max_connections: int = 0
+    # [limits]
+    hello_timeout: float = 10.0
+    max_subscriptions: int = 1000
+    max_watches: int = 1000
+    max_channel_length: int = 256
+    max_watchable_length: int = 256
+    max_send_buffer: int = 1 << 20
+    # [auth]
+    tokens: Mapping[str, str] = field(default_factory=dict)
+    # [[rules]]
+    rules: tuple[Rule, ...] = ()
+    # [extensions]
+    modules: tuple[str, ...] = ()
+
+    @property
+    def development(self) -> bool:
+        """True when no configuration file was given."""
+        return self.source is None
+
+    def override(self, **changes: Any) -> "Config":
+        """Return a copy with command-line values applied; ``None`` means not given."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# -- value checkers: each returns the converted value or raises ValueError ------
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {v!r}")
+        return v
+
+    return check
+
+
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ValueError(f"expected a number of seconds >= 0, got {v!r}")
+    return float(v)
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def _texts(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _uuid(v: Any) -> UUID:
+    try:
+        return UUID(_text(v))
+    except ValueError:
+        raise ValueError(f"expected a UUID, got {v!r}") from None
+
+
+def _endpoints(v: Any) -> tuple[str, ...]:
+    values = _texts(v)
+    if not values:
+        raise ValueError("expected at least one endpoint")
+    for value in values:
+        check_endpoint(value)
+    return values
+
+
+def _tokens(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table of principal = token, got {v!r}")
+    for principal, token in v.items():
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"token of {principal!r} must be a non-empty string")
+        if token.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", token):
+            raise ValueError(f"token of {principal!r} must be sha256: and 64 hex digits")
+    return dict(v)
+
+
+# (section, key) -> (Config attribute, checker)
+_KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
+    "node": {"id": ("node_id", _uuid), "name": ("node_name", _text)},
+    "websocket": {
+        "listen": ("listen", _endpoints),
+        "max_message_size": ("max_message_size", _int(256)),
+        "allowed_origins": ("allowed_origins", _texts),
+        "auto_ping_interval": ("auto_ping_interval", _seconds),
+        "auto_ping_timeout": ("auto_ping_timeout", _seconds),
+        "open_handshake_timeout": ("open_handshake_timeout", _seconds),
+        "max_connections": ("max_connections", _int(0)),
+    },
+    "limits": {
+        "hello_timeout": ("hello_timeout", _seconds),
+        "max_subscriptions": ("max_subscriptions", _int(1)),
+        "max_watches": ("max_watches", _int(1)),
+        "max_channel_length": ("max_channel_length", _int(1)),
+        "max_watchable_length": ("max_watchable_length", _int(1)),
+        "max_send_buffer": ("max_send_buffer", _int(1024)),
+    },
+    "auth": {"tokens": ("tokens", _tokens)},
+    "extensions": {"modules": ("modules", _texts)},
+}
+_RULE_KEYS = ("match", "anonymous", "authenticated")
+
+
+def load(path: "str | Path") -> Config:
+    """Read and check a TOML configuration file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path)
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Config:
+    values: dict[str, Any] = {"source": path}
+    for section, body in data.items():
+        if section == "rules":
+            values["rules"] = _rules(body, path)
+            continue
+        keys = _KEYS.get(section)
+        if keys is None:
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules'])})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {section}: expected a table")
+        for key, value in body.items():
+            if key not in keys:
+                raise ConfigError(f"{path}: unknown key {section}.{key} (known: {', '.join(keys)})")
+            attribute, check = keys[key]
+            try:
+                values[attribute] = check(value)
+            except ValueError as e:
+                raise ConfigError(f"{path}: {section}.{key}: {e}") from None
+    return Config(**values)
+
+
+def _rules(body: Any, path: Path) -> tuple[Rule, ...]:
+    if not isinstance(body, list):
+        raise ConfigError(f"{path}: rules: expected an array of tables, written [[rules]]")
+    rules = []
+    for i, rule in enumerate(body):
+        where = f"{path}: rules[{i}]"
+        if not isinstance(rule, dict):
+            raise ConfigError(f"{where}: expected a table")
+        for key in rule:
+            if key not in _RULE_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(_RULE_KEYS)})")
+        if not isinstance(rule.get("match"), str) or not rule["match"]:
+            raise ConfigError(f"{where}.match: expected a non-empty glob pattern")
+        grants = {}
+        for who in ("anonymous", "authenticated"):
+            actions = rule.get(who, [])
+            if not isinstance(actions, list) or any(a not in ACTIONS for a in actions):
+                raise ConfigError(
+                    f"{where}.{who}: expected a list of actions from {', '.join(ACTIONS)}, got {actions!r}"
+                )
+            grants[who] = frozenset(actions)
+        rules.append(Rule(rule["match"], **grants))
+    return tuple(rules)
+
+
+# -- endpoints ------------------------------------------------------------------
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """Split an endpoint string on unescaped colons, as Twisted does."""
+    return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
+
+
+def check_endpoint(description: str) -> None:
+    """Raise ValueError unless Twisted can build a server endpoint from ``description``."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a valid endpoint {description!r}: {e}") from None
+
+
+def is_loopback(description: str) -> bool:
+    """Whether a server endpoint string listens on loopback (or a UNIX socket) only."""
+    parts = _split_endpoint(description)
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    interface = options.get("interface")
+    if interface is None:
+        return False
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_ctl -*-
+"""``meshctl``: talk to a meshd node from a shell.
+
+Events are printed to standard output as JSON lines; status goes to
+standard error.  Exit status: 0 done, 1 the node refused a request,
+2 bad usage, 3 the node could not be reached or closed the connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+
+from meshd.client import ConnectionClosed, EventStream, MeshClient, MeshError, connect
+from meshd.codec import Message, event_type_name
+
+DEFAULT_URL = "ws://127.0.0.1:8765"
+
+
+def event_json(event: Message) -> dict[str, Any]:
+    """The JSON form of one Event frame, as meshctl prints it."""
+    out: dict[str, Any] = {"event": event_type_name(event.event_type)}
+    if event.channel is not None:
+        out["channel"] = event.channel
+    if event.watchable is not None:
+        out["watchable"] = {"kind": event.watchable.kind, "id": event.watchable.id}
+    payload = event.payload or b""
+    try:
+        out["data"] = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        out["data_base64"] = base64.b64encode(payload).decode("ascii")
+    if event.session is not None:
+        out["session"] = str(event.session)
+    if event.node is not None:
+        out["node"] = str(event.node)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=DEFAULT_URL, help=f"node WebSocket URL (default {DEFAULT_URL})")
+    common.add_argument("--token", help="authenticate with this token")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the node")
+
+    top = argparse.ArgumentParser(prog="meshctl", description="Talk to a meshd node.")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    sub = commands.add_parser("sub", parents=[common], help="subscribe and print events")
+    sub.add_argument("channels", nargs="+", metavar="CHANNEL")
+    sub.add_argument("--count", type=int, help="exit after this many events")
+
+    pub = commands.add_parser("pub", parents=[common], help="publish one message")
+    pub.add_argument("channel", metavar="CHANNEL")
+    pub.add_argument("data", metavar="DATA", help="the message, sent as UTF-8")
+    pub.add_argument("--exclude-self", action="store_true", help="not to this session")
+
+    watch = commands.add_parser("watch", parents=[common], help="watch a resource and print events")
+    watch.add_argument("kind", metavar="KIND")
+    watch.add_argument("id", metavar="ID")
+    watch.add_argument("--count", type=int, help="exit after this many events")
+    return top
+
+
+def status(text: str) -> None:
+    print(f"meshctl: {text}", file=sys.stderr, flush=True)
+
+
+async def _print_events(client: MeshClient, stream: EventStream, count: Optional[int]) -> int:
+    if count is not None and count <= 0:
+        return 0
+    seen = 0
+    async for event in stream:
+        print(json.dumps(event_json(event)), flush=True)
+        seen += 1
+        if count is not None and seen >= count:
+            await client.close()
+            return 0
+    status(f"the node closed the connection: {client.closed_reason}")
+    return 3
+
+
+async def run(reactor, args: argparse.Namespace) -> int:
+    try:
+        client = await connect(args.url, args.token, reactor=reactor, timeout=args.timeout)
+    except MeshError as e:
+        status(f"the node refused the session: {e}")
+        return 1
+    except Exception as e:  # refused, unreachable, timed out, handshake failed
+        status(f"cannot reach {args.url}: {e}")
+        return 3
+    try:
+        if args.command == "pub":
+            await client.publish(args.channel, args.data.encode("utf-8", "surrogateescape"), exclude_self=args.exclude_self)
+            await client.close()
+            return 0
+        # Listen before asking, so that no event between the Ack and the loop is lost.
+        stream = client.events()
+        if args.command == "sub":
+            for channel in args.channels:
+                await client.subscribe(channel)
+            status(f"subscribed to {', '.join(args.channels)}")
+        else:
+            await client.watch(args.kind, args.id)
+            status(f"watching {args.kind}/{args.id}")
+        return await _print_events(client, stream, args.count)
+    except MeshError as e:
+        status(str(e))
+        return 1
+    except ConnectionClosed as e:
+        status(str(e))
+        return 3
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parser().parse_args(argv)
+
+    def start(reactor) -> Deferred:
+        from twisted.internet.defer import ensureDeferred
+
+        return ensureDeferred(run(reactor, args)).addCallback(_exit)
+
+    react(start)
+
+
+def _exit(code: int) -> None:
+    if code:
+        raise SystemExit(code)

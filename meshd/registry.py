@@ -1,0 +1,91 @@
+# -*- test-case-name: tests.test_registry -*-
+"""The node's registry: sessions, channel subscribers and watchers."""
+
+from __future__ import annotations
+
+from typing import Optional
+from uuid import UUID
+
+from meshd.codec import Watchable
+from meshd.session import Session
+
+_EMPTY: frozenset = frozenset()
+
+
+class Registry:
+    """Maps session ids to sessions, channels to subscribers, watchables to watchers.
+
+    Every index is kept in step by the methods below; :meth:`remove` clears a
+    session out of all of them, and an emptied channel or watchable entry is
+    deleted so that the maps hold only what has listeners.
+    """
+
+    __slots__ = ("sessions", "channels", "watchers")
+
+    def __init__(self) -> None:
+        self.sessions: dict[UUID, Session] = {}
+        self.channels: dict[str, set[Session]] = {}
+        self.watchers: dict[Watchable, set[Session]] = {}
+
+    def add(self, session: Session) -> None:
+        if session.id in self.sessions:
+            raise ValueError(f"session {session.id} is already registered")
+        self.sessions[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        """Forget a session and every subscription and watch it held."""
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        for channel in session.channels:
+            _discard(self.channels, channel, session)
+        session.channels.clear()
+        for watchable in session.watching:
+            _discard(self.watchers, watchable, session)
+        session.watching.clear()
+
+    def get(self, session_id: Optional[UUID]) -> Optional[Session]:
+        return self.sessions.get(session_id) if session_id is not None else None
+
+    def subscribe(self, session: Session, channel: str) -> bool:
+        """Subscribe; return False if the session was subscribed already."""
+        if channel in session.channels:
+            return False
+        session.channels.add(channel)
+        self.channels.setdefault(channel, set()).add(session)
+        return True
+
+    def unsubscribe(self, session: Session, channel: str) -> bool:
+        """Unsubscribe; return False if the session was not subscribed."""
+        if channel not in session.channels:
+            return False
+        session.channels.discard(channel)
+        _discard(self.channels, channel, session)
+        return True
+
+    def watch(self, session: Session, watchable: Watchable) -> bool:
+        if watchable in session.watching:
+            return False
+        session.watching.add(watchable)
+        self.watchers.setdefault(watchable, set()).add(session)
+        return True
+
+    def unwatch(self, session: Session, watchable: Watchable) -> bool:
+        if watchable not in session.watching:
+            return False
+        session.watching.discard(watchable)
+        _discard(self.watchers, watchable, session)
+        return True
+
+    def subscribers(self, channel: str) -> "set[Session] | frozenset[Session]":
+        return self.channels.get(channel, _EMPTY)
+
+    def watchers_of(self, watchable: Watchable) -> "set[Session] | frozenset[Session]":
+        return self.watchers.get(watchable, _EMPTY)
+
+
+def _discard(index: dict, key, session: Session) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(session)
+        if not members:
+            del index[key]

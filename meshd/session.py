@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_registry -*-
+"""One WebSocket connection's server-side state."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+from uuid import UUID, uuid4
+
+from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+if TYPE_CHECKING:
+    from meshd.codec import Watchable
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+
+#: Close code sent to a session that stops reading while events pile up for it.
+CLOSE_SLOW_CONSUMER = 4002
+
+
+def prepare(frame: bytes) -> PreparedMessage:
+    """Frame ``frame`` as one binary WebSocket message, once, for any number of sessions.
+
+    ``doNotCompress`` keeps the pre-framed bytes valid on every connection,
+    including one that negotiated permessage-deflate.
+    """
+    return PreparedMessage(frame, True, False, True)
+
+
+@implementer(IPushProducer)
+class Session:
+    """A connected client: identity, subscriptions, watches, and the way to reach it.
+
+    The session registers itself as the streaming producer of its transport,
+    so it learns when the kernel buffer is full.  While paused, what is sent
+    to it is counted; past ``max_backlog`` bytes the client is too slow to
+    keep up, and it is disconnected rather than allowed to grow the node's
+    memory without bound.
+    """
+
+    __slots__ = (
+        "id",
+        "protocol",
+        "peer",
+        "principal",
+        "authenticated",
+        "helloed",
+        "channels",
+        "watching",
+        "max_backlog",
+        "_paused",
+        "_backlog",
+        "__weakref__",
+    )
+
+    log = Logger()
+
+    def __init__(self, protocol, peer: str = "", max_backlog: int = 1 << 20,
+                 session_id: Optional[UUID] = None) -> None:
+        self.id: UUID = session_id or uuid4()
+        self.protocol = protocol
+        self.peer = peer
+        self.principal: Optional[str] = None
+        self.authenticated = False
+        self.helloed = False
+        self.channels: set[str] = set()
+        self.watching: set[Watchable] = set()
+        self.max_backlog = max_backlog
+        self._paused = False
+        self._backlog = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.peer}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self.protocol.state == _OPEN
+
+    def send(self, prepared: PreparedMessage) -> bool:
+        """Send a prepared message if the connection is open; return whether it was sent."""
+        protocol = self.protocol
+        if protocol.state != _OPEN:
+            return False
+        if self._paused:
+            self._backlog += len(prepared.payloadHybi)
+            if self._backlog > self.max_backlog:
+                self.log.warn(
+                    "Closing slow session {session}: {backlog} bytes waiting",
+                    session=self.id,
+                    backlog=self._backlog,
+                )
+                protocol.sendClose(CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full")
+                return False
+        protocol.sendPreparedMessage(prepared)
+        return True
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Send one encoded frame to this session alone."""
+        return self.send(prepare(frame))
+
+    # IPushProducer, called by the transport as its buffer fills and drains.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        self._paused = True

@@ -1,0 +1,198 @@
+# -*- test-case-name: tests.test_scopes -*-
+"""The node state that server-side code uses to emit events, in three scopes.
+
+===================================  ==================================================
+call                                 reaches
+===================================  ==================================================
+``distribute_event(event, exclude)``  every node (with the mesh) and every local
+                                     subscriber of the event's channel / watchable
+``broadcast_event(...)``             every session on this node
+``notify_event(...)``                only sessions watching the watchable
+``clients.broadcast_to_channel(...)``  the channel's subscribers
+===================================  ==================================================
+
+Each event is encoded once and framed once (:class:`Event`); delivery writes
+the same prepared WebSocket message to every recipient.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+from uuid import UUID
+
+from twisted.logger import Logger
+
+from meshd.codec import Opcode, EventType, Watchable, encode
+from meshd.registry import Registry
+from meshd.session import Session, prepare
+
+WatchableLike = Union[Watchable, "tuple[str, str]", None]
+
+
+def as_watchable(value: WatchableLike) -> Optional[Watchable]:
+    if value is None or isinstance(value, Watchable):
+        return value
+    kind, ident = value
+    return Watchable(str(kind), str(ident))
+
+
+class Event:
+    """One event, encoded and framed once, ready to be sent to any number of sessions."""
+
+    __slots__ = ("frame", "prepared", "event_type", "channel", "watchable", "origin_node")
+
+    def __init__(
+        self,
+        event_type: int,
+        *,
+        channel: Optional[str] = None,
+        watchable: WatchableLike = None,
+        payload: bytes = b"",
+        session_id: Optional[UUID] = None,
+        node_id: Optional[UUID] = None,
+    ) -> None:
+        self.event_type = event_type
+        self.channel = channel
+        self.watchable = as_watchable(watchable)
+        self.origin_node = node_id
+        self.frame = encode(
+            Opcode.Event,
+            event_type=event_type,
+            channel=channel,
+            watchable=self.watchable,
+            payload=bytes(payload),
+            session=session_id,
+            node=node_id,
+        )
+        self.prepared = prepare(self.frame)
+
+    def __repr__(self) -> str:
+        return f"<Event type={self.event_type} channel={self.channel!r} watchable={self.watchable}>"
+
+
+def deliver(sessions: Iterable[Session], event: Event, skip: Optional[Session]) -> int:
+    """Send ``event`` to each session but ``skip``; return how many it was sent to."""
+    prepared = event.prepared
+    sent = 0
+    # A snapshot: a send may close a slow session, which changes the set.
+    for session in tuple(sessions):
+        if session is not skip and session.send(prepared):
+            sent += 1
+    return sent
+
+
+class Clients:
+    """Channel delivery: ``state.clients`` / ``state.of_clients()``."""
+
+    def __init__(self, state: "NodeState") -> None:
+        self._state = state
+
+    def broadcast_to_channel(
+        self,
+        node_id: Optional[UUID],
+        channel: str,
+        frame: Union[Event, bytes],
+        exclude: Optional[UUID] = None,
+        local_only: bool = False,
+        instance: Optional[UUID] = None,
+    ) -> int:
+        """Deliver ``frame`` to the subscribers of ``channel``; return the local count.
+
+        ``frame`` is a ready :class:`Event`, or payload bytes that become a
+        ``ChannelEvent`` stamped with origin node ``node_id`` (default: this
+        node) and origin session ``instance``.  ``exclude`` is a session id
+        that does not receive it.  ``local_only`` keeps it on this node; a
+        single node has no other nodes to reach, so both settings deliver to
+        the local subscribers.
+        """
+        state = self._state
+        if not isinstance(frame, Event):
+            frame = Event(
+                EventType.ChannelEvent,
+                channel=channel,
+                payload=frame,
+                session_id=instance,
+                node_id=node_id or state.node_id,
+            )
+        registry = state.registry
+        return deliver(registry.subscribers(channel), frame, registry.get(exclude))
+
+
+class NodeState:
+    """What server-side code sees of a node: its id, its registry and the event scopes."""
+
+    log = Logger()
+
+    def __init__(self, node_id: UUID, registry: Registry) -> None:
+        self.node_id = node_id
+        self.registry = registry
+        self.clients = Clients(self)
+
+    def of_clients(self) -> Clients:
+        return self.clients
+
+    def event(
+        self,
+        event_type: int,
+        *,
+        channel: Optional[str] = None,
+        watchable: WatchableLike = None,
+        payload: bytes = b"",
+        session_id: Optional[UUID] = None,
+    ) -> Event:
+        """Build an :class:`Event` that originates on this node."""
+        return Event(
+            event_type,
+            channel=channel,
+            watchable=watchable,
+            payload=payload,
+            session_id=session_id,
+            node_id=self.node_id,
+        )
+
+    def distribute_event(self, frame: Event, exclude_id: Optional[UUID] = None) -> int:
+        """Deliver to every node but ``exclude_id`` and to this node's listeners.
+
+        Locally the event reaches the subscribers of its channel and the
+        watchers of its watchable (each session once); an event with neither
+        reaches every session.  Passing this node's own id as ``exclude_id``
+        skips local delivery.
+        """
+        if exclude_id == self.node_id:
+            return 0
+        registry = self.registry
+        if frame.channel is None and frame.watchable is None:
+            recipients: Iterable[Session] = registry.sessions.values()
+        elif frame.watchable is None:
+            recipients = registry.subscribers(frame.channel)
+        elif frame.channel is None:
+            recipients = registry.watchers_of(frame.watchable)
+        else:
+            recipients = registry.subscribers(frame.channel) | registry.watchers_of(frame.watchable)
+        return deliver(recipients, frame, None)
+
+    def broadcast_event(
+        self,
+        type: int,
+        watchable: WatchableLike = None,
+        session_id: Optional[UUID] = None,
+        payload: bytes = b"",
+        exclude_id: Optional[UUID] = None,
+    ) -> int:
+        """Deliver an event to every session on this node but ``exclude_id``."""
+        event = self.event(type, watchable=watchable, payload=payload, session_id=session_id)
+        registry = self.registry
+        return deliver(registry.sessions.values(), event, registry.get(exclude_id))
+
+    def notify_event(
+        self,
+        type: int,
+        watchable: WatchableLike,
+        session_id: Optional[UUID] = None,
+        payload: bytes = b"",
+        exclude_id: Optional[UUID] = None,
+    ) -> int:
+        """Deliver an event to the sessions watching ``watchable``, but ``exclude_id``."""
+        event = self.event(type, watchable=watchable, payload=payload, session_id=session_id)
+        registry = self.registry
+        return deliver(registry.watchers_of(event.watchable), event, registry.get(exclude_id))

@@ -1,0 +1,89 @@
+# -*- test-case-name: tests.test_websocket -*-
+"""The WebSocket face of a node: a thin Autobahn protocol that hands frames to the app.
+
+The protocol only speaks WebSocket: it accepts the ``meshd.v1`` subprotocol,
+refuses text messages, and passes each binary message to
+:meth:`meshd.app.Application.dispatch`.  Everything else lives in the app.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from meshd.app import Application
+    from meshd.config import Config
+    from meshd.session import Session
+
+#: The WebSocket subprotocol clients must offer.
+SUBPROTOCOL = "meshd.v1"
+
+#: Close codes (see docs/protocol.md).
+CLOSE_UNSUPPORTED_DATA = 1003  # a text message arrived
+CLOSE_HELLO_TIMEOUT = 4001  # no Hello within limits.hello_timeout
+
+
+class MeshServerProtocol(WebSocketServerProtocol):
+    _log = Logger()
+    factory: "MeshServerFactory"
+    session: "Optional[Session]" = None
+
+    def onConnect(self, request) -> str:
+        if SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(
+                ConnectionDeny.BAD_REQUEST,
+                f"offer the WebSocket subprotocol {SUBPROTOCOL!r}",
+            )
+        return SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        self.session = self.factory.app.open_session(self, self.peer)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None:
+            return
+        if not isBinary:
+            self._log.info("Closing {session}: text message on a binary subprotocol", session=session.id)
+            self.sendCloseFrame(
+                code=CLOSE_UNSUPPORTED_DATA,
+                reasonUtf8=f"{SUBPROTOCOL} carries binary messages only".encode(),
+            )
+            return
+        self.factory.app.dispatch(session, payload)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            self.factory.app.close_session(session)
+
+
+class MeshServerFactory(WebSocketServerFactory):
+    """Makes :class:`MeshServerProtocol` for one :class:`Application`, with limits set on purpose."""
+
+    protocol = MeshServerProtocol
+
+    def __init__(self, app: "Application", config: "Config") -> None:
+        super().__init__(protocols=[SUBPROTOCOL])
+        self.app = app
+        self.setProtocolOptions(
+            # Frames are FlatBuffers: binary only, so no UTF-8 validation.
+            utf8validateIncoming=False,
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            allowedOrigins=list(config.allowed_origins),
+            autoPingInterval=config.auto_ping_interval,
+            autoPingTimeout=config.auto_ping_timeout,
+            openHandshakeTimeout=config.open_handshake_timeout,
+            maxConnections=config.max_connections,
+            # Refuse compression: events are framed once for every recipient.
+            perMessageCompressionAccept=lambda offers: None,
+            # Send a close frame with a code (1009, 1002, ...) before closing,
+            # so that a client learns why it was disconnected.
+            failByDrop=False,
+            tcpNoDelay=True,
+        )

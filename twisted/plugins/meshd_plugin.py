@@ -1,0 +1,11 @@
+# -*- test-case-name: tests.test_tap -*-
+"""Registers ``twistd meshd``; the wiring lives in :mod:`meshd.tap`."""
+
+from twisted.application.service import ServiceMaker
+
+meshd = ServiceMaker(
+    "meshd",
+    "meshd.tap",
+    "A clustered real-time event server (WebSocket pub/sub and events).",
+    "meshd",
+)
