@@ -27,7 +27,7 @@ def hello(request: Request) -> Optional[Deferred]:
     session, message = request.session, request.message
     if session.helloed:
         raise ProtocolError(ErrorCode.AlreadyHello, "this session has said Hello already")
-    if session.principal is not None:  # an authentication is under way
+    if session.hello_pending:
         raise ProtocolError(ErrorCode.AlreadyHello, "a Hello is being processed already")
     if message.version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -37,17 +37,18 @@ def hello(request: Request) -> Optional[Deferred]:
     if message.token is None:
         _welcome(request, None)
         return None
-    session.principal = ""  # marks the authentication as under way
+    session.hello_pending = True
     d = maybeDeferred(request.app.authenticator.authenticate, message.token)
 
     def authenticated(principal: Optional[str]) -> None:
+        session.hello_pending = False
         if not principal:
-            session.principal = None
             raise ProtocolError(ErrorCode.AuthenticationFailed, "the token was not accepted")
-        _welcome(request, principal)
+        if session.is_open:
+            _welcome(request, principal)
 
     def failed(failure):
-        session.principal = None
+        session.hello_pending = False
         return failure
 
     return d.addCallbacks(authenticated, failed)
@@ -58,6 +59,7 @@ def _welcome(request: Request, principal: Optional[str]) -> None:
     session.principal = principal
     session.authenticated = principal is not None
     session.helloed = True
+    app.registry.admit(session)
     app.hello_done(session)
     request.reply(
         Opcode.Welcome,

@@ -15,15 +15,19 @@ _EMPTY: frozenset = frozenset()
 class Registry:
     """Maps session ids to sessions, channels to subscribers, watchables to watchers.
 
+    ``sessions`` holds every open connection; ``members`` only those that
+    have been welcomed (said Hello), which are the ones events go to.
+
     Every index is kept in step by the methods below; :meth:`remove` clears a
     session out of all of them, and an emptied channel or watchable entry is
     deleted so that the maps hold only what has listeners.
     """
 
-    __slots__ = ("sessions", "channels", "watchers")
+    __slots__ = ("sessions", "members", "channels", "watchers")
 
     def __init__(self) -> None:
         self.sessions: dict[UUID, Session] = {}
+        self.members: set[Session] = set()
         self.channels: dict[str, set[Session]] = {}
         self.watchers: dict[Watchable, set[Session]] = {}
 
@@ -32,10 +36,17 @@ class Registry:
             raise ValueError(f"session {session.id} is already registered")
         self.sessions[session.id] = session
 
+    def admit(self, session: Session) -> None:
+        """Make a registered session a member: it has said Hello."""
+        if self.sessions.get(session.id) is not session:
+            raise ValueError(f"session {session.id} is not registered")
+        self.members.add(session)
+
     def remove(self, session: Session) -> None:
         """Forget a session and every subscription and watch it held."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+        self.members.discard(session)
         for channel in session.channels:
             _discard(self.channels, channel, session)
         session.channels.clear()
@@ -47,8 +58,8 @@ class Registry:
         return self.sessions.get(session_id) if session_id is not None else None
 
     def subscribe(self, session: Session, channel: str) -> bool:
-        """Subscribe; return False if the session was subscribed already."""
-        if channel in session.channels:
+        """Subscribe; return False if already subscribed or no longer registered."""
+        if channel in session.channels or session.id not in self.sessions:
             return False
         session.channels.add(channel)
         self.channels.setdefault(channel, set()).add(session)
@@ -63,7 +74,8 @@ class Registry:
         return True
 
     def watch(self, session: Session, watchable: Watchable) -> bool:
-        if watchable in session.watching:
+        """Watch; return False if already watching or no longer registered."""
+        if watchable in session.watching or session.id not in self.sessions:
             return False
         session.watching.add(watchable)
         self.watchers.setdefault(watchable, set()).add(session)

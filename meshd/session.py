@@ -47,6 +47,7 @@ class Session:
         "principal",
         "authenticated",
         "helloed",
+        "hello_pending",
         "channels",
         "watching",
         "max_backlog",
@@ -65,6 +66,7 @@ class Session:
         self.principal: Optional[str] = None
         self.authenticated = False
         self.helloed = False
+        self.hello_pending = False  # an authenticator is checking its token
         self.channels: set[str] = set()
         self.watching: set[Watchable] = set()
         self.max_backlog = max_backlog

@@ -155,14 +155,14 @@ class NodeState:
 
         Locally the event reaches the subscribers of its channel and the
         watchers of its watchable (each session once); an event with neither
-        reaches every session.  Passing this node's own id as ``exclude_id``
+        reaches every welcomed session.  Passing this node's own id as ``exclude_id``
         skips local delivery.
         """
         if exclude_id == self.node_id:
             return 0
         registry = self.registry
         if frame.channel is None and frame.watchable is None:
-            recipients: Iterable[Session] = registry.sessions.values()
+            recipients: Iterable[Session] = registry.members
         elif frame.watchable is None:
             recipients = registry.subscribers(frame.channel)
         elif frame.channel is None:
@@ -179,10 +179,10 @@ class NodeState:
         payload: bytes = b"",
         exclude_id: Optional[UUID] = None,
     ) -> int:
-        """Deliver an event to every session on this node but ``exclude_id``."""
+        """Deliver an event to every welcomed session on this node but ``exclude_id``."""
         event = self.event(type, watchable=watchable, payload=payload, session_id=session_id)
         registry = self.registry
-        return deliver(registry.sessions.values(), event, registry.get(exclude_id))
+        return deliver(registry.members, event, registry.get(exclude_id))
 
     def notify_event(
         self,
