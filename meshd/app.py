@@ -144,6 +144,10 @@ class Application(MultiService):
         except ProtocolError as e:
             self._refuse(session, e, 0)
             return
+        except Exception:  # a verifier bug must not take the connection down
+            self.log.failure("Decoding a frame from {session} failed", session=session.id)
+            self._refuse(session, ProtocolError(ErrorCode.Malformed, "malformed frame"), 0)
+            return
         request = Request(self, session, message)
         try:
             registration = lookup(self.handlers, session, message)

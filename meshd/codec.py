@@ -71,7 +71,7 @@ class Watchable:
 class Message:
     """One decoded frame.  Absent fields are ``None`` (or 0 / False for scalars)."""
 
-    opcode: int
+    opcode: int = 0
     request_id: int = 0
     channel: Optional[str] = None
     watchable: Optional[Watchable] = None
@@ -89,7 +89,7 @@ class Message:
 
 
 def _names(enum: type) -> dict[int, str]:
-    return {v: k for k, v in vars(enum).items() if not k.startswith("_")}
+    return {v: k.rstrip("_") for k, v in vars(enum).items() if not k.startswith("_")}
 
 
 _OPCODE_NAMES = _names(Opcode)

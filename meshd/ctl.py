@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
 from meshd.client import ConnectionClosed, EventStream, MeshClient, MeshError, connect
-from meshd.codec import Message, event_type_name
+from meshd.codec import Message, Watchable, event_type_name, opcode_name
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -26,6 +26,18 @@ DEFAULT_URL = "ws://127.0.0.1:8765"
 def event_json(event: Message) -> dict[str, Any]:
     """The JSON form of one Event frame, as meshctl prints it."""
     out: dict[str, Any] = {"event": event_type_name(event.event_type)}
+    _describe(event, out)
+    return out
+
+
+def answer_json(answer: Message) -> dict[str, Any]:
+    """The JSON form of the answer to a request (Ack, Pong...)."""
+    out: dict[str, Any] = {"answer": opcode_name(answer.opcode)}
+    _describe(answer, out)
+    return out
+
+
+def _describe(event: Message, out: dict[str, Any]) -> None:
     if event.channel is not None:
         out["channel"] = event.channel
     if event.watchable is not None:
@@ -39,7 +51,6 @@ def event_json(event: Message) -> dict[str, Any]:
         out["session"] = str(event.session)
     if event.node is not None:
         out["node"] = str(event.node)
-    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("channel", metavar="CHANNEL")
     pub.add_argument("data", metavar="DATA", help="the message, sent as UTF-8")
     pub.add_argument("--exclude-self", action="store_true", help="not to this session")
+
+    call = commands.add_parser("call", parents=[common], help="send one request (any opcode) and print the answer")
+    call.add_argument("opcode", type=int, metavar="OPCODE", help="e.g. a user opcode, 1024 and up")
+    call.add_argument("data", nargs="?", default="", metavar="DATA", help="payload, sent as UTF-8")
+    call.add_argument("--channel")
+    call.add_argument("--watchable", nargs=2, metavar=("KIND", "ID"))
 
     watch = commands.add_parser("watch", parents=[common], help="watch a resource and print events")
     watch.add_argument("kind", metavar="KIND")
@@ -95,6 +112,16 @@ async def run(reactor, args: argparse.Namespace) -> int:
         status(f"cannot reach {args.url}: {e}")
         return 3
     try:
+        if args.command == "call":
+            answer = await client.request(
+                args.opcode,
+                channel=args.channel,
+                watchable=Watchable(*args.watchable) if args.watchable else None,
+                payload=args.data.encode("utf-8", "surrogateescape"),
+            )
+            print(json.dumps(answer_json(answer)), flush=True)
+            await client.close()
+            return 0
         if args.command == "pub":
             await client.publish(args.channel, args.data.encode("utf-8", "surrogateescape"), exclude_self=args.exclude_self)
             await client.close()

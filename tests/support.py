@@ -93,6 +93,7 @@ class NodeProcess:
 
     def __init__(self, *args: str, cwd: Path, port: Optional[int] = None) -> None:
         self.port = port or free_port()
+        cwd = cwd.resolve()
         self.log = cwd / "node.log"
         listen = [] if "--config" in args else ["--listen", f"tcp:{self.port}:interface=127.0.0.1"]
         self.proc = subprocess.Popen(
@@ -119,7 +120,10 @@ class NodeProcess:
         raise AssertionError(f"node did not listen within {timeout}s: {self.output()}")
 
     def output(self) -> str:
+        """The node's log, and what it printed if it has exited."""
         text = self.log.read_text() if self.log.exists() else ""
+        if self.proc.poll() is not None and self.proc.stdout and not self.proc.stdout.closed:
+            text += self.proc.stdout.read().decode(errors="replace")
         return text
 
     def stop(self) -> None:
@@ -132,3 +136,99 @@ class NodeProcess:
                 self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+# -- a raw WebSocket client: sends any bytes, records every frame -----------------
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
+
+from meshd.codec import ProtocolError, decode  # noqa: E402
+
+
+class _RawProtocol(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = decode(payload)
+        except ProtocolError as e:  # pragma: no cover - would be a node bug
+            self.factory.frames.append(e)
+            return
+        self.factory.frames.append(message)
+        waiters, self.factory.waiters = self.factory.waiters, []
+        for count, d in waiters:
+            if len(self.factory.frames) >= count:
+                d.callback(self.factory.frames)
+            else:
+                self.factory.waiters.append((count, d))
+
+    def onClose(self, wasClean: bool, code, reason) -> None:
+        self.factory.close_code = code
+        self.factory.close_reason = reason
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(f"handshake failed: {code} {reason}"))
+        self.factory.closed.callback(code)
+
+
+class RawClient:
+    """A WebSocket connection that sends exactly the bytes it is given."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.protocol: _RawProtocol = None  # type: ignore[assignment]
+
+    @property
+    def frames(self) -> list:
+        return self.factory.frames
+
+    @property
+    def close_code(self):
+        return self.factory.close_code
+
+    def send(self, data: bytes, binary: bool = True) -> None:
+        self.protocol.sendMessage(data, isBinary=binary)
+
+    def wait_frames(self, count: int, timeout: float = 5.0) -> Deferred:
+        """Fire with the frame list once it holds ``count`` frames."""
+        d: Deferred = Deferred()
+        if len(self.frames) >= count:
+            d.callback(self.frames)
+        else:
+            self.factory.waiters.append((count, d))
+        return d.addTimeout(timeout, reactor)
+
+    def wait_closed(self, timeout: float = 5.0) -> Deferred:
+        """Fire with the close code once the connection has closed."""
+        d: Deferred = Deferred()
+
+        def closed(code):
+            d.callback(code)
+            return code
+
+        self.factory.closed.addBoth(closed)
+        return d.addTimeout(timeout, reactor)
+
+    def close(self) -> Deferred:
+        if self.protocol.state == self.protocol.STATE_OPEN:
+            self.protocol.sendClose(1000)
+        return self.wait_closed().addErrback(lambda _: self.protocol.transport.abortConnection())
+
+
+async def raw_client(testcase, url: str, protocols=("meshd.v1",), max_frame: int = 0) -> RawClient:
+    from autobahn.websocket.util import parse_url
+
+    _secure, host, port, *_ = parse_url(url)
+    factory = WebSocketClientFactory(url, protocols=list(protocols))
+    factory.protocol = _RawProtocol
+    factory.opened, factory.closed = Deferred(), Deferred()
+    factory.frames, factory.waiters = [], []
+    factory.close_code = factory.close_reason = None
+    if max_frame:
+        factory.setProtocolOptions(autoFragmentSize=max_frame)
+    client = RawClient(factory)
+    await TCP4ClientEndpoint(reactor, host, port).connect(factory)
+    client.protocol = await factory.opened.addTimeout(5, reactor)
+    testcase.addCleanup(client.close)
+    return client

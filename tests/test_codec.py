@@ -1,0 +1,172 @@
+"""The client frame codec: round trips, agreement with the generated reader, hostile input."""
+
+from __future__ import annotations
+
+import struct
+from uuid import UUID, uuid4
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from meshd.codec import (
+    ErrorCode,
+    EventType,
+    Message,
+    Opcode,
+    ProtocolError,
+    Watchable,
+    decode,
+    encode,
+    error_code_name,
+    event_type_name,
+    opcode_name,
+)
+from meshd.fb.client.Frame import Frame
+
+texts = st.text(max_size=40)
+uuids = st.builds(UUID, int=st.integers(min_value=0, max_value=(1 << 128) - 1))
+messages = st.builds(
+    Message,
+    opcode=st.integers(0, 0xFFFF),
+    request_id=st.integers(0, (1 << 64) - 1),
+    channel=st.none() | texts,
+    watchable=st.none() | st.builds(Watchable, texts, texts),
+    payload=st.none() | st.binary(max_size=300),
+    event_type=st.integers(0, 0xFFFF),
+    session=st.none() | uuids,
+    node=st.none() | uuids,
+    error_code=st.integers(0, 0xFFFF),
+    message=st.none() | texts,
+    token=st.none() | texts,
+    principal=st.none() | texts,
+    version=st.integers(0, 0xFFFF),
+    exclude_self=st.booleans(),
+    max_message_size=st.integers(0, (1 << 32) - 1),
+)
+
+
+def encode_message(m: Message) -> bytes:
+    fields = {k: getattr(m, k) for k in Message.__dataclass_fields__ if k != "opcode"}
+    return encode(m.opcode, **fields)
+
+
+class RoundTripTests(unittest.SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(messages)
+    def test_round_trip(self, m: Message) -> None:
+        """Whatever is encoded decodes to the same message."""
+        self.assertEqual(decode(encode_message(m)), m)
+
+    @settings(max_examples=100, deadline=None)
+    @given(messages)
+    def test_generated_reader_agrees(self, m: Message) -> None:
+        """The flatc-generated reader sees the same fields as the verifying decoder."""
+        buf = encode_message(m)
+        self.assertTrue(Frame.FrameBufferHasIdentifier(buf, 0))
+        f = Frame.GetRootAs(buf, 0)
+        self.assertEqual(f.Opcode(), m.opcode)
+        self.assertEqual(f.RequestId(), m.request_id)
+        self.assertEqual(f.Channel(), None if m.channel is None else m.channel.encode())
+        self.assertEqual(f.PayloadLength(), len(m.payload or b""))
+        self.assertEqual(f.ExcludeSelf(), m.exclude_self)
+        if m.session is not None:
+            self.assertEqual((f.Session().Hi() << 64) | f.Session().Lo(), m.session.int)
+        if m.watchable is not None:
+            self.assertEqual(f.Watchable().Id(), m.watchable.id.encode())
+
+    def test_uuid_layout(self) -> None:
+        """A Uuid struct holds the UUID's bytes 0-7 and 8-15 as big-endian integers."""
+        u = UUID("00112233-4455-6677-8899-aabbccddeeff")
+        f = Frame.GetRootAs(encode(Opcode.Welcome, session=u), 0)
+        self.assertEqual((f.Session().Hi(), f.Session().Lo()), (0x0011223344556677, 0x8899AABBCCDDEEFF))
+
+    def test_names(self) -> None:
+        """Enum values have readable names; user values are marked as such."""
+        self.assertEqual(opcode_name(Opcode.Publish), "Publish")
+        self.assertEqual(opcode_name(0), "None")
+        self.assertEqual(opcode_name(1500), "User(1500)")
+        self.assertEqual(event_type_name(EventType.CacheEvent), "CacheEvent")
+        self.assertEqual(error_code_name(ErrorCode.PermissionDenied), "PermissionDenied")
+
+
+class HostileInputTests(unittest.SynchronousTestCase):
+    def assertMalformed(self, buf: bytes, words: str = "malformed frame") -> None:
+        with self.assertRaises(ProtocolError) as caught:
+            decode(buf)
+        self.assertEqual(caught.exception.code, ErrorCode.Malformed)
+        self.assertIn(words, caught.exception.message)
+
+    def test_short_and_wrong_identifier(self) -> None:
+        """Too-short buffers and other file identifiers are refused by name."""
+        self.assertMalformed(b"", "too short")
+        self.assertMalformed(b"\x0c\x00\x00\x00MSH", "too short")
+        frame = bytearray(encode(Opcode.Ping))
+        frame[4:8] = b"MSH2"
+        self.assertMalformed(bytes(frame), "file identifier")
+
+    def test_every_truncation(self) -> None:
+        """Each prefix of a valid frame is either refused as Malformed or decodes without error."""
+        frame = encode(
+            Opcode.Publish, request_id=9, channel="room", payload=b"p" * 20,
+            watchable=Watchable("k", "i"), session=uuid4(), message="m",
+        )
+        for n in range(len(frame)):
+            try:
+                decode(frame[:n])
+            except ProtocolError as e:
+                self.assertEqual(e.code, ErrorCode.Malformed)
+
+    def test_invalid_utf8(self) -> None:
+        """A string that is not UTF-8 is refused."""
+        frame = bytearray(encode(Opcode.Subscribe, channel="abcd"))
+        at = frame.index(b"abcd")
+        frame[at] = 0xFF
+        self.assertMalformed(bytes(frame), "UTF-8")
+
+    def test_vtable_out_of_bounds(self) -> None:
+        """A root table whose vtable lies outside the buffer is refused."""
+        frame = bytearray(encode(Opcode.Ping, request_id=1))
+        root = struct.unpack_from("<I", frame)[0]
+        struct.pack_into("<i", frame, root, -100_000)
+        self.assertMalformed(bytes(frame), "vtable")
+
+    def test_watchable_needs_both_fields(self) -> None:
+        """A Watchable without its id is refused even though FlatBuffers would read it."""
+        import flatbuffers
+
+        from meshd.fb.client import Frame as F
+        from meshd.fb.client import Watchable as W
+
+        b = flatbuffers.Builder(64)
+        kind = b.CreateString("doc")
+        W.Start(b)
+        W.AddKind(b, kind)
+        w = W.End(b)
+        F.Start(b)
+        F.AddOpcode(b, Opcode.Watch)
+        F.AddWatchable(b, w)
+        b.Finish(F.End(b), file_identifier=b"MSH1")
+        self.assertMalformed(bytes(b.Output()), "kind and id")
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.binary(max_size=200))
+    def test_random_bytes(self, data: bytes) -> None:
+        """Random bytes never raise anything but ProtocolError."""
+        try:
+            decode(data)
+        except ProtocolError:
+            pass
+
+    @settings(max_examples=2000, deadline=None)
+    @given(messages, st.data())
+    def test_mutated_frames(self, m: Message, data) -> None:
+        """Valid frames with random bytes overwritten never raise anything but ProtocolError."""
+        frame = bytearray(encode_message(m))
+        for _ in range(data.draw(st.integers(1, 6))):
+            at = data.draw(st.integers(0, len(frame) - 1))
+            frame[at] = data.draw(st.integers(0, 255))
+        try:
+            decode(bytes(frame))
+        except ProtocolError:
+            pass
