@@ -19,6 +19,7 @@ from meshd.auth import DevelopmentAuthenticator, IAuthenticator, TokenAuthentica
 from meshd.codec import ErrorCode, Opcode, ProtocolError, decode, encode
 from meshd.config import Config
 from meshd.handlers import Handlers, Request, lookup
+from meshd.metrics import Metrics, MetricsResource
 from meshd.permissions import Policy
 from meshd.registry import Registry
 from meshd.session import Session
@@ -51,7 +52,8 @@ class Application(MultiService):
         self.clock = clock
         self.node_id: UUID = config.node_id or uuid4()
         self.registry = Registry()
-        self.state = NodeState(self.node_id, self.registry)
+        self.metrics = Metrics()
+        self.state = NodeState(self.node_id, self.registry, self.metrics)
         self.policy = Policy.development() if config.development else Policy(config.rules)
         if authenticator is None:
             if config.tokens or not config.development:
@@ -73,6 +75,14 @@ class Application(MultiService):
         """Serve WebSocket clients on a server endpoint string (started with the app)."""
         service = strports.service(endpoint, self.factory)
         service.setName(f"websocket:{endpoint}")
+        service.setServiceParent(self)
+
+    def serve_metrics(self, endpoint: str) -> None:
+        """Serve ``GET /metrics`` (Prometheus text format) on a server endpoint string."""
+        from twisted.web.server import Site
+
+        service = strports.service(endpoint, Site(MetricsResource(self)))
+        service.setName(f"metrics:{endpoint}")
         service.setServiceParent(self)
 
     def load_extension(self, module_name: str) -> None:
@@ -110,6 +120,7 @@ class Application(MultiService):
     def open_session(self, protocol, peer: str = "") -> Session:
         session = Session(protocol, peer, max_backlog=self.config.max_send_buffer)
         self.registry.add(session)
+        self.metrics.sessions_opened += 1
         transport = getattr(protocol, "transport", None)
         if transport is not None:
             transport.registerProducer(session, True)
@@ -129,16 +140,20 @@ class Application(MultiService):
         self._hello_timers.pop(session, None)
         if session.is_open and not session.helloed:
             self.log.info("Closing {session}: no Hello in time", session=session.id)
+            self.metrics.hello_timeouts += 1
             session.protocol.sendClose(CLOSE_HELLO_TIMEOUT, "no Hello in time")
 
     def close_session(self, session: Session) -> None:
         self.hello_done(session)
         self.registry.remove(session)
+        if session.overflowed:
+            self.metrics.slow_consumer_closes += 1
 
     # -- dispatch -----------------------------------------------------------------
 
     def dispatch(self, session: Session, data: bytes) -> None:
         """Handle one binary message from ``session``; answer bad input with an Error frame."""
+        self.metrics.frames_received += 1
         try:
             message = decode(data)
         except ProtocolError as e:
@@ -178,6 +193,7 @@ class Application(MultiService):
         self._refuse(request.session, error, request.message.request_id)
 
     def _refuse(self, session: Session, error: ProtocolError, request_id: int) -> None:
+        self.metrics.error(error.code)
         session.send_frame(
             encode(
                 Opcode.Error,

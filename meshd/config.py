@@ -58,6 +58,8 @@ class Config:
     rules: tuple[Rule, ...] = ()
     # [extensions]
     modules: tuple[str, ...] = ()
+    # [metrics]
+    metrics_listen: Optional[str] = None
 
     @property
     def development(self) -> bool:
@@ -106,6 +108,11 @@ def _uuid(v: Any) -> UUID:
         raise ValueError(f"expected a UUID, got {v!r}") from None
 
 
+def _endpoint(v: Any) -> str:
+    check_endpoint(_text(v))
+    return v
+
+
 def _endpoints(v: Any) -> tuple[str, ...]:
     values = _texts(v)
     if not values:
@@ -148,6 +155,7 @@ _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     },
     "auth": {"tokens": ("tokens", _tokens)},
     "extensions": {"modules": ("modules", _texts)},
+    "metrics": {"listen": ("metrics_listen", _endpoint)},
 }
 _RULE_KEYS = ("match", "anonymous", "authenticated")
 

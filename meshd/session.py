@@ -51,6 +51,7 @@ class Session:
         "channels",
         "watching",
         "max_backlog",
+        "overflowed",
         "_paused",
         "_backlog",
         "__weakref__",
@@ -70,6 +71,7 @@ class Session:
         self.channels: set[str] = set()
         self.watching: set[Watchable] = set()
         self.max_backlog = max_backlog
+        self.overflowed = False  # closed for falling too far behind
         self._paused = False
         self._backlog = 0
 
@@ -93,6 +95,7 @@ class Session:
                     session=self.id,
                     backlog=self._backlog,
                 )
+                self.overflowed = True
                 protocol.sendClose(CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full")
                 return False
         protocol.sendPreparedMessage(prepared)

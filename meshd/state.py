@@ -23,6 +23,7 @@ from uuid import UUID
 from twisted.logger import Logger
 
 from meshd.codec import Opcode, EventType, Watchable, encode
+from meshd.metrics import Metrics
 from meshd.registry import Registry
 from meshd.session import Session, prepare
 
@@ -70,7 +71,7 @@ class Event:
         return f"<Event type={self.event_type} channel={self.channel!r} watchable={self.watchable}>"
 
 
-def deliver(sessions: Iterable[Session], event: Event, skip: Optional[Session]) -> int:
+def send_to(sessions: Iterable[Session], event: Event, skip: Optional[Session]) -> int:
     """Send ``event`` to each session but ``skip``; return how many it was sent to."""
     prepared = event.prepared
     sent = 0
@@ -114,8 +115,7 @@ class Clients:
                 session_id=instance,
                 node_id=node_id or state.node_id,
             )
-        registry = state.registry
-        return deliver(registry.subscribers(channel), frame, registry.get(exclude))
+        return state.deliver(state.registry.subscribers(channel), frame, exclude)
 
 
 class NodeState:
@@ -123,10 +123,17 @@ class NodeState:
 
     log = Logger()
 
-    def __init__(self, node_id: UUID, registry: Registry) -> None:
+    def __init__(self, node_id: UUID, registry: Registry, metrics: Optional[Metrics] = None) -> None:
         self.node_id = node_id
         self.registry = registry
+        self.metrics = metrics or Metrics()
         self.clients = Clients(self)
+
+    def deliver(self, sessions: Iterable[Session], event: Event, exclude_id: Optional[UUID] = None) -> int:
+        """Send ``event`` to ``sessions`` but the one with id ``exclude_id``; count it."""
+        sent = send_to(sessions, event, self.registry.get(exclude_id))
+        self.metrics.delivered(sent)
+        return sent
 
     def of_clients(self) -> Clients:
         return self.clients
@@ -169,7 +176,7 @@ class NodeState:
             recipients = registry.watchers_of(frame.watchable)
         else:
             recipients = registry.subscribers(frame.channel) | registry.watchers_of(frame.watchable)
-        return deliver(recipients, frame, None)
+        return self.deliver(recipients, frame)
 
     def broadcast_event(
         self,
@@ -181,8 +188,7 @@ class NodeState:
     ) -> int:
         """Deliver an event to every welcomed session on this node but ``exclude_id``."""
         event = self.event(type, watchable=watchable, payload=payload, session_id=session_id)
-        registry = self.registry
-        return deliver(registry.members, event, registry.get(exclude_id))
+        return self.deliver(self.registry.members, event, exclude_id)
 
     def notify_event(
         self,
@@ -194,5 +200,4 @@ class NodeState:
     ) -> int:
         """Deliver an event to the sessions watching ``watchable``, but ``exclude_id``."""
         event = self.event(type, watchable=watchable, payload=payload, session_id=session_id)
-        registry = self.registry
-        return deliver(registry.watchers_of(event.watchable), event, registry.get(exclude_id))
+        return self.deliver(self.registry.watchers_of(event.watchable), event, exclude_id)

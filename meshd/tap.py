@@ -23,6 +23,7 @@ class Options(usage.Options):
         ["node-id", None, None, "This node's UUID (default: [node] id, or a new one)."],
         ["node-name", None, None, "A name for this node in logs."],
         ["max-message-size", None, None, "Largest WebSocket message accepted, in bytes.", int],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint."],
     ]
 
     def __init__(self) -> None:
@@ -61,9 +62,16 @@ class Options(usage.Options):
             listen=tuple(self["listen"]) or None,
             max_message_size=self["max-message-size"],
             modules=config.modules + tuple(self["modules"]),
+            metrics_listen=self["metrics"],
         )
+        if self["metrics"] is not None:
+            try:
+                check_endpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {e}") from None
         if config.development:
-            public = [e for e in config.listen if not is_loopback(e)]
+            endpoints = config.listen + ((config.metrics_listen,) if config.metrics_listen else ())
+            public = [e for e in endpoints if not is_loopback(e)]
             if public:
                 raise usage.UsageError(
                     f"development mode (no --config) listens on loopback only; "
@@ -80,4 +88,6 @@ def makeService(options: Options) -> Application:
         app.load_extension(module)
     for endpoint in config.listen:
         app.listen(endpoint)
+    if config.metrics_listen:
+        app.serve_metrics(config.metrics_listen)
     return app

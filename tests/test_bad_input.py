@@ -11,7 +11,7 @@ from meshd.client import MeshClient
 from meshd.codec import ErrorCode, Opcode, Watchable, encode
 from meshd.config import Config
 
-from .support import NodeTestCase, RawClient, payloads, raw_client
+from .support import NodeTestCase, RawClient, payloads, raw_client, sleep
 
 
 class BadInputTests(NodeTestCase):
@@ -180,3 +180,33 @@ class BadInputTests(NodeTestCase):
 
     def _bystander_session(self):
         return self.app.registry.sessions[self.bystander.session_id]
+
+
+class SlowConsumerTests(NodeTestCase):
+    async def test_client_that_stops_reading(self) -> None:
+        """A session that stops reading is closed past max_send_buffer; the others get everything."""
+        await self.start_node(Config(max_send_buffer=64 * 1024))
+        stalled, reader, publisher = await self.client(), await self.client(), await self.client()
+        for c in (stalled, reader):
+            await c.subscribe("firehose")
+        stalled._protocol.transport.pauseProducing()  # stop reading from the socket
+        session = self.app.registry.sessions[stalled.session_id]
+        payload = b"x" * 1024
+        sent = 0
+        while session.id in self.app.registry.sessions and sent < 20_000:
+            for _ in range(100):
+                publisher.publish("firehose", payload, ack=False)
+            sent += 100
+            await publisher.ping()
+            await self.settle(reader)
+        self.assertTrue(session.overflowed, f"not closed after {sent} messages")
+        for _ in range(100):
+            if session.id not in self.app.registry.sessions:
+                break
+            await sleep(0.05)
+        self.assertNotIn(session.id, self.app.registry.sessions)
+        self.assertEqual(self.app.metrics.slow_consumer_closes, 1)
+        await self.settle(reader)
+        self.assertEqual(len(reader.received), sent)
+        self.assertTrue(all(e.payload == payload for e in reader.received))
+        stalled._protocol.transport.abortConnection()
