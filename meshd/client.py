@@ -278,7 +278,11 @@ async def _connect(reactor, url: str, token: Optional[str], hello: bool,
     await endpoint.connect(factory)
     client = await factory.opened
     if hello:
-        await client.hello(token)
+        try:
+            await client.hello(token)
+        except BaseException:
+            await client.close(reason="Hello refused")
+            raise
     return client
 
 
