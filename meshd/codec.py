@@ -11,13 +11,13 @@ a :class:`ProtocolError`.  Encoding goes through the generated builder code in
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Optional
 from uuid import UUID
 
 import flatbuffers
 
+from meshd import flatverify as fv
 from meshd.fb.client import Frame as F
 from meshd.fb.client import Watchable as W
 from meshd.fb.client.ErrorCode import ErrorCode
@@ -185,119 +185,44 @@ def encode(
 
 # -- verified decoding --------------------------------------------------------
 
-_u16 = struct.Struct("<H").unpack_from
-_u16x2 = struct.Struct("<HH").unpack_from
-_u32 = struct.Struct("<I").unpack_from
-_i32 = struct.Struct("<i").unpack_from
-_u64 = struct.Struct("<Q").unpack_from
-_uuid_parts = struct.Struct("<QQ").unpack_from
 
-# Field kinds and their inline sizes.
-_SCALAR, _STRING, _BYTES, _TABLE, _UUID = range(5)
+def _watchable(values: dict) -> Watchable:
+    return Watchable(values["kind"], values["id"])
 
-# Frame's fields in vtable order: (name, kind, inline size, reader for scalars).
-_FRAME_FIELDS = (
-    ("opcode", _SCALAR, 2, _u16),
-    ("request_id", _SCALAR, 8, _u64),
-    ("channel", _STRING, 4, None),
-    ("watchable", _TABLE, 4, None),
-    ("payload", _BYTES, 4, None),
-    ("event_type", _SCALAR, 2, _u16),
-    ("session", _UUID, 16, None),
-    ("node", _UUID, 16, None),
-    ("error_code", _SCALAR, 2, _u16),
-    ("message", _STRING, 4, None),
-    ("token", _STRING, 4, None),
-    ("principal", _STRING, 4, None),
-    ("version", _SCALAR, 2, _u16),
-    ("exclude_self", _SCALAR, 1, None),
-    ("max_message_size", _SCALAR, 4, _u32),
+
+WATCHABLE = fv.Table(
+    "Watchable",
+    (fv.Field("kind", fv.STRING, required=True), fv.Field("id", fv.STRING, required=True)),
+    _watchable,
 )
-_WATCHABLE_FIELDS = (("kind", _STRING, 4, None), ("id", _STRING, 4, None))
 
-
-def _malformed(why: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.Malformed, f"malformed frame: {why}")
-
-
-def _fields(buf: bytes, table: int, layout: tuple, name: str) -> dict[str, int]:
-    """Verify a table at ``table``; return the absolute position of each present field."""
-    n = len(buf)
-    if table < 0 or table + 4 > n:
-        raise _malformed(f"{name} table out of bounds")
-    vtable = table - _i32(buf, table)[0]
-    if vtable < 0 or vtable + 4 > n:
-        raise _malformed(f"{name} vtable out of bounds")
-    vt_size, t_size = _u16x2(buf, vtable)
-    if vt_size < 4 or vt_size % 2 or vtable + vt_size > n or table + t_size > n:
-        raise _malformed(f"{name} vtable or table size out of bounds")
-    present = {}
-    for slot, (field, _kind, size, _reader) in enumerate(layout):
-        entry = 4 + 2 * slot
-        if entry >= vt_size:
-            break
-        offset = _u16(buf, vtable + entry)[0]
-        if offset:
-            if offset < 4 or offset + size > t_size:
-                raise _malformed(f"field {name}.{field} out of bounds")
-            present[field] = table + offset
-    return present
-
-
-def _vector(buf: bytes, at: int, what: str, extra: int = 0) -> tuple[int, int]:
-    """Follow the offset at ``at`` to a length-prefixed vector; return (start, length)."""
-    target = at + _u32(buf, at)[0]
-    if target + 4 > len(buf):
-        raise _malformed(f"{what} out of bounds")
-    length = _u32(buf, target)[0]
-    start = target + 4
-    if start + length + extra > len(buf):
-        raise _malformed(f"{what} length out of bounds")
-    return start, length
-
-
-def _string(buf: bytes, at: int, what: str) -> str:
-    start, length = _vector(buf, at, what, extra=1)  # strings end with a NUL byte
-    try:
-        return buf[start : start + length].decode("utf-8")
-    except UnicodeDecodeError:
-        raise _malformed(f"{what} is not valid UTF-8") from None
+# Frame's fields in vtable order (schemas/client.fbs).
+FRAME = fv.Table(
+    "Frame",
+    (
+        fv.Field("opcode", fv.U16),
+        fv.Field("request_id", fv.U64),
+        fv.Field("channel", fv.STRING),
+        fv.Field("watchable", fv.TABLE, WATCHABLE),
+        fv.Field("payload", fv.BYTES),
+        fv.Field("event_type", fv.U16),
+        fv.Field("session", fv.UUID_STRUCT),
+        fv.Field("node", fv.UUID_STRUCT),
+        fv.Field("error_code", fv.U16),
+        fv.Field("message", fv.STRING),
+        fv.Field("token", fv.STRING),
+        fv.Field("principal", fv.STRING),
+        fv.Field("version", fv.U16),
+        fv.Field("exclude_self", fv.BOOL),
+        fv.Field("max_message_size", fv.U32),
+    ),
+    lambda values: Message(**values),
+)
 
 
 def decode(buf: bytes) -> Message:
     """Verify and decode one Frame buffer; raise :class:`ProtocolError` if it is not one."""
-    if len(buf) < 12:
-        raise _malformed(f"{len(buf)} bytes is too short for a frame")
-    if buf[4:8] != FILE_IDENTIFIER:
-        raise _malformed(f"file identifier is {bytes(buf[4:8])!r}, expected {FILE_IDENTIFIER!r}")
-    values: dict = {}
-    for field, at in _fields(buf, _u32(buf, 0)[0], _FRAME_FIELDS, "Frame").items():
-        kind = _KIND[field]
-        if kind is _SCALAR:
-            reader = _READER[field]
-            values[field] = reader(buf, at)[0] if reader else buf[at] != 0
-        elif kind is _STRING:
-            values[field] = _string(buf, at, field)
-        elif kind is _BYTES:
-            start, length = _vector(buf, at, field)
-            values[field] = bytes(buf[start : start + length])
-        elif kind is _UUID:
-            hi, lo = _uuid_parts(buf, at)
-            values[field] = UUID(int=(hi << 64) | lo)
-        else:
-            values[field] = _watchable(buf, at + _u32(buf, at)[0])
-    return Message(**values)
-
-
-def _watchable(buf: bytes, table: int) -> Watchable:
-    present = _fields(buf, table, _WATCHABLE_FIELDS, "Watchable")
-    if "kind" not in present or "id" not in present:
-        raise _malformed("Watchable needs both kind and id")
-    return Watchable(
-        _string(buf, present["kind"], "watchable.kind"),
-        _string(buf, present["id"], "watchable.id"),
-    )
-
-
-_KIND = {name: kind for name, kind, _size, _reader in _FRAME_FIELDS}
-_READER = {name: reader for name, _kind, _size, reader in _FRAME_FIELDS}
+    try:
+        return fv.read(buf, FILE_IDENTIFIER, FRAME)
+    except fv.Malformed as e:
+        raise ProtocolError(ErrorCode.Malformed, f"malformed frame: {e}") from None

@@ -147,7 +147,7 @@ class HostileInputTests(unittest.SynchronousTestCase):
         F.AddOpcode(b, Opcode.Watch)
         F.AddWatchable(b, w)
         b.Finish(F.End(b), file_identifier=b"MSH1")
-        self.assertMalformed(bytes(b.Output()), "kind and id")
+        self.assertMalformed(bytes(b.Output()), "Watchable.id is required")
 
     @settings(max_examples=2000, deadline=None)
     @given(st.binary(max_size=200))
