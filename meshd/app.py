@@ -76,6 +76,7 @@ class Application(MultiService):
         service = strports.service(endpoint, self.factory)
         service.setName(f"websocket:{endpoint}")
         service.setServiceParent(self)
+        self.log.info("WebSocket clients on {endpoint}", endpoint=endpoint)
 
     def serve_metrics(self, endpoint: str) -> None:
         """Serve ``GET /metrics`` (Prometheus text format) on a server endpoint string."""
@@ -101,11 +102,7 @@ class Application(MultiService):
                 "loopback only; every operation is allowed and any token is accepted",
                 node=self.node_id,
             )
-        self.log.info(
-            "meshd node {node} starting; WebSocket on {listen}",
-            node=self.node_id,
-            listen=", ".join(self.config.listen),
-        )
+        self.log.info("meshd node {node} starting", node=self.node_id)
         super().startService()
 
     def stopService(self) -> Deferred:

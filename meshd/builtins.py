@@ -131,8 +131,14 @@ def _require(request: Request, action: str, target: str) -> None:
         raise ProtocolError(ErrorCode.PermissionDenied, f"{who} may not {action} {target!r}")
 
 
+#: Unicode categories refused in names: controls, format characters (such as
+#: zero-width and bidirectional marks), surrogates, private use, unassigned,
+#: and line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def _has_control_characters(text: str) -> bool:
-    return any(unicodedata.category(c) == "Cc" for c in text)
+    return any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in text)
 
 
 def _channel(request: Request) -> str:
@@ -147,7 +153,7 @@ def _channel(request: Request) -> str:
     if len(channel.encode("utf-8")) > limit:
         raise ProtocolError(ErrorCode.InvalidChannel, f"channel names are at most {limit} bytes")
     if _has_control_characters(channel):
-        raise ProtocolError(ErrorCode.InvalidChannel, "channel names may not hold control characters")
+        raise ProtocolError(ErrorCode.InvalidChannel, "channel names may not hold control or format characters")
     return channel
 
 
@@ -167,6 +173,6 @@ def _watchable(request: Request) -> Watchable:
             )
         if _has_control_characters(value):
             raise ProtocolError(
-                ErrorCode.InvalidWatchable, f"the watchable's {part} holds a control character"
+                ErrorCode.InvalidWatchable, f"the watchable's {part} holds a control or format character"
             )
     return watchable

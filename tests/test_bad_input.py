@@ -109,6 +109,8 @@ class BadInputTests(NodeTestCase):
             encode(Opcode.Subscribe, request_id=2, channel="x" * 257),
             encode(Opcode.Subscribe, request_id=3, channel="a\nb"),
             encode(Opcode.Subscribe, request_id=4),
+            encode(Opcode.Subscribe, request_id=40, channel="a\u200bb"),
+            encode(Opcode.Subscribe, request_id=41, channel="\u202egnp.exe"),
             encode(Opcode.Publish, request_id=5, channel="", payload=b"x"),
             encode(Opcode.Watch, request_id=6, watchable=Watchable("doc", "")),
             encode(Opcode.Watch, request_id=7),
@@ -119,14 +121,20 @@ class BadInputTests(NodeTestCase):
             (ErrorCode.InvalidChannel, 2),
             (ErrorCode.InvalidChannel, 3),
             (ErrorCode.MissingField, 4),
+            (ErrorCode.InvalidChannel, 40),
+            (ErrorCode.InvalidChannel, 41),
             (ErrorCode.InvalidChannel, 5),
             (ErrorCode.InvalidWatchable, 6),
             (ErrorCode.MissingField, 7),
         )
         self.assertEqual(set(self.app.registry.channels), {"room"})
-        # The longest allowed name is fine.
-        [ack] = await self.answers(raw, encode(Opcode.Subscribe, request_id=8, channel="x" * 256))
-        self.assertEqual(ack.opcode, Opcode.Ack)
+        # The longest allowed name, and any printable text, are fine.
+        acks = await self.answers(
+            raw,
+            encode(Opcode.Subscribe, request_id=8, channel="x" * 256),
+            encode(Opcode.Subscribe, request_id=9, channel="chat/héllo wörld/日本 🎉"),
+        )
+        self.assertEqual([a.opcode for a in acks], [Opcode.Ack, Opcode.Ack])
         await self.assert_unaffected()
 
     async def test_publish_before_hello(self) -> None:
