@@ -64,6 +64,8 @@ class Application(MultiService):
         self.handlers = Handlers()
         builtins.install(self.handlers)
         self.factory = MeshServerFactory(self, config)
+        #: The mesh service, once :meth:`join_mesh` has been called.
+        self.mesh = None
         self._hello_timers: dict[Session, Any] = {}
 
     def get_state(self) -> NodeState:
@@ -85,6 +87,15 @@ class Application(MultiService):
         service = strports.service(endpoint, Site(MetricsResource(self)))
         service.setName(f"metrics:{endpoint}")
         service.setServiceParent(self)
+
+    def join_mesh(self, settings) -> None:
+        """Link this node with the others of its cluster (``[mesh]``)."""
+        from meshd.mesh.service import Mesh
+        from meshd.mesh.tls import Credentials
+
+        credentials = Credentials.load(settings.ca, settings.cert, settings.key)
+        self.mesh = Mesh(self, settings, credentials)
+        self.mesh.setServiceParent(self)
 
     def load_extension(self, module_name: str) -> None:
         """Import ``module_name`` and call its ``setup(app)``."""

@@ -32,6 +32,34 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class MeshSettings:
+    """The ``[mesh]`` section: how this node links with the others of its cluster."""
+
+    cluster: str
+    listen: str
+    advertise: str
+    ca: Path
+    cert: Path
+    key: Path
+    seeds: tuple[str, ...] = ()
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    queue_max_seconds: float = 30.0
+    queue_max_bytes: int = 16 << 20
+    max_frame_size: int = 1 << 20
+    forward_watchers: bool = False
+    reconnect_max_delay: float = 5.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` to (host, port); raise ValueError otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Optional[Path] = None
     # [node]
@@ -60,6 +88,8 @@ class Config:
     modules: tuple[str, ...] = ()
     # [metrics]
     metrics_listen: Optional[str] = None
+    # [mesh]
+    mesh: Optional[MeshSettings] = None
 
     @property
     def development(self) -> bool:
@@ -178,9 +208,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         if section == "rules":
             values["rules"] = _rules(body, path)
             continue
+        if section == "mesh":
+            values["mesh"] = _mesh(body, path)
+            continue
         keys = _KEYS.get(section)
         if keys is None:
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules'])})")
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules', 'mesh'])})")
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {section}: expected a table")
         for key, value in body.items():
@@ -217,6 +250,90 @@ def _rules(body: Any, path: Path) -> tuple[Rule, ...]:
             grants[who] = frozenset(actions)
         rules.append(Rule(rule["match"], **grants))
     return tuple(rules)
+
+
+def _address(v: Any) -> str:
+    split_address(_text(v))
+    return v
+
+
+def _addresses(v: Any) -> tuple[str, ...]:
+    return tuple(_address(a) for a in _texts(v))
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _positive_seconds(v: Any) -> float:
+    seconds = _seconds(v)
+    if seconds <= 0:
+        raise ValueError(f"expected a number of seconds > 0, got {v!r}")
+    return seconds
+
+
+_MESH_KEYS: dict[str, Callable[[Any], Any]] = {
+    "cluster": _text,
+    "listen": _endpoint,
+    "advertise": _address,
+    "seeds": _addresses,
+    "ca": _text,
+    "cert": _text,
+    "key": _text,
+    "heartbeat_interval": _positive_seconds,
+    "heartbeat_timeout": _positive_seconds,
+    "queue_max_seconds": _seconds,
+    "queue_max_bytes": _int(0),
+    "max_frame_size": _int(4096),
+    "forward_watchers": _flag,
+    "reconnect_max_delay": _positive_seconds,
+}
+
+
+def _mesh(body: Any, path: Path) -> MeshSettings:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: mesh: expected a table")
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        check = _MESH_KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{path}: unknown key mesh.{key} (known: {', '.join(_MESH_KEYS)})")
+        try:
+            values[key] = check(value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: mesh.{key}: {e}") from None
+    for key in ("cluster", "listen", "ca", "cert", "key"):
+        if key not in values:
+            raise ConfigError(f"{path}: mesh.{key} is required in a [mesh] section")
+    for key in ("ca", "cert", "key"):  # relative to the configuration file
+        values[key] = (path.parent / values[key]).resolve()
+    if "advertise" not in values:
+        advertise = _advertised(values["listen"])
+        if advertise is None:
+            raise ConfigError(
+                f"{path}: mesh.advertise is required: the address other nodes dial cannot be "
+                f"told from listen = {values['listen']!r}"
+            )
+        values["advertise"] = advertise
+    settings = MeshSettings(**values)
+    if settings.heartbeat_timeout <= settings.heartbeat_interval:
+        raise ConfigError(f"{path}: mesh.heartbeat_timeout must be longer than mesh.heartbeat_interval")
+    return settings
+
+
+def _advertised(listen: str) -> Optional[str]:
+    """``HOST:PORT`` from a ``tcp:PORT:interface=HOST`` endpoint with a specific interface."""
+    parts = _split_endpoint(listen)
+    if parts[0].lower() not in ("tcp", "tcp6") or len(parts) < 2:
+        return None
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    port = options.get("port") or next((p for p in parts[1:] if "=" not in p), None)
+    interface = options.get("interface")
+    if not port or not port.isdigit() or interface in (None, "0.0.0.0", "::"):
+        return None
+    return f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
 
 
 # -- endpoints ------------------------------------------------------------------

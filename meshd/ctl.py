@@ -12,6 +12,7 @@ import argparse
 import base64
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import Deferred
@@ -76,6 +77,19 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("data", nargs="?", default="", metavar="DATA", help="payload, sent as UTF-8")
     call.add_argument("--channel")
     call.add_argument("--watchable", nargs=2, metavar=("KIND", "ID"))
+
+    certs = commands.add_parser("certs", help="make a cluster CA and node certificates for the mesh")
+    kinds = certs.add_subparsers(dest="certs_command", required=True)
+    ca = kinds.add_parser("ca", help="create DIR/ca.pem and DIR/ca.key")
+    ca.add_argument("--dir", required=True, type=Path, help="where the files go")
+    ca.add_argument("--cluster", default="meshd", help="cluster name, written into the CA's name")
+    ca.add_argument("--days", type=int, default=3650)
+    node = kinds.add_parser("node", help="issue DIR/NAME.pem and DIR/NAME.key, signed by DIR/ca.*")
+    node.add_argument("name", metavar="NAME")
+    node.add_argument("--dir", required=True, type=Path, help="holds ca.pem and ca.key; gets the new files")
+    node.add_argument("--san", action="append", default=[], metavar="NAME_OR_IP",
+                      help="a DNS name or IP address the node is dialed by (repeatable; default NAME)")
+    node.add_argument("--days", type=int, default=825)
 
     watch = commands.add_parser("watch", parents=[common], help="watch a resource and print events")
     watch.add_argument("kind", metavar="KIND")
@@ -144,8 +158,26 @@ async def run(reactor, args: argparse.Namespace) -> int:
         return 3
 
 
+def certs(args: argparse.Namespace) -> int:
+    from meshd.mesh.certs import create_ca, issue_node
+
+    try:
+        if args.certs_command == "ca":
+            paths = create_ca(args.dir, args.cluster, args.days)
+        else:
+            paths = issue_node(args.dir, args.name, args.san, args.days)
+    except (OSError, ValueError) as e:
+        status(str(e))
+        return 1
+    for path in paths:
+        status(f"wrote {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
+    if args.command == "certs":
+        sys.exit(certs(args))
 
     def start(reactor) -> Deferred:
         from twisted.internet.defer import ensureDeferred

@@ -29,6 +29,11 @@ class Metrics:
         "slow_consumer_closes",
         "hello_timeouts",
         "errors",
+        "mesh_refusals",
+        "mesh_routed_sent",
+        "mesh_routed_received",
+        "mesh_duplicates",
+        "mesh_queue_dropped",
     )
 
     def __init__(self) -> None:
@@ -39,6 +44,11 @@ class Metrics:
         self.slow_consumer_closes = 0
         self.hello_timeouts = 0
         self.errors: dict[int, int] = {}
+        self.mesh_refusals = 0
+        self.mesh_routed_sent = 0
+        self.mesh_routed_received = 0
+        self.mesh_duplicates = 0
+        self.mesh_queue_dropped = 0
 
     def error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -75,6 +85,20 @@ def render(app: "Application") -> str:
            m.slow_consumer_closes)
     metric("meshd_hello_timeouts_total", "counter", "Sessions closed for not saying Hello in time.",
            m.hello_timeouts)
+    mesh = app.mesh
+    if mesh is not None:
+        metric("meshd_mesh_links", "gauge", "Open links to other nodes.",
+               sum(1 for p in mesh.peers.values() if p.link is not None))
+        metric("meshd_mesh_peers", "gauge", "Other nodes this node knows of.", len(mesh.peers))
+        metric("meshd_mesh_routed_sent_total", "counter", "Routed frames sent to peers.", m.mesh_routed_sent)
+        metric("meshd_mesh_routed_received_total", "counter", "Routed frames received and delivered.",
+               m.mesh_routed_received)
+        metric("meshd_mesh_duplicates_total", "counter", "Routed frames dropped as already seen.",
+               m.mesh_duplicates)
+        metric("meshd_mesh_queue_dropped_total", "counter",
+               "Frames for an unreachable peer dropped past the queue bounds.", m.mesh_queue_dropped)
+        metric("meshd_mesh_refusals_total", "counter",
+               "Mesh connections refused (TLS, cluster, version, protocol violations).", m.mesh_refusals)
     for code, count in sorted(m.errors.items()):
         metric("meshd_errors_total", "counter", "Error frames sent, by error code.", count,
                f',code="{error_code_name(code)}"')

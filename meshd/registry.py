@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 from uuid import UUID
 
 from meshd.codec import Watchable
@@ -23,13 +23,16 @@ class Registry:
     deleted so that the maps hold only what has listeners.
     """
 
-    __slots__ = ("sessions", "members", "channels", "watchers")
+    __slots__ = ("sessions", "members", "channels", "watchers", "listener")
 
     def __init__(self) -> None:
         self.sessions: dict[UUID, Session] = {}
         self.members: set[Session] = set()
         self.channels: dict[str, set[Session]] = {}
         self.watchers: dict[Watchable, set[Session]] = {}
+        #: Called with (channel, True) when a channel gets its first
+        #: subscriber and (channel, False) when it loses its last.
+        self.listener: Optional[Callable[[str, bool], None]] = None
 
     def add(self, session: Session) -> None:
         if session.id in self.sessions:
@@ -48,7 +51,7 @@ class Registry:
             del self.sessions[session.id]
         self.members.discard(session)
         for channel in session.channels:
-            _discard(self.channels, channel, session)
+            self._unsubscribed(channel, session)
         session.channels.clear()
         for watchable in session.watching:
             _discard(self.watchers, watchable, session)
@@ -62,7 +65,12 @@ class Registry:
         if channel in session.channels or session.id not in self.sessions:
             return False
         session.channels.add(channel)
-        self.channels.setdefault(channel, set()).add(session)
+        members = self.channels.get(channel)
+        if members is None:
+            members = self.channels[channel] = set()
+            if self.listener is not None:
+                self.listener(channel, True)
+        members.add(session)
         return True
 
     def unsubscribe(self, session: Session, channel: str) -> bool:
@@ -70,8 +78,13 @@ class Registry:
         if channel not in session.channels:
             return False
         session.channels.discard(channel)
-        _discard(self.channels, channel, session)
+        self._unsubscribed(channel, session)
         return True
+
+    def _unsubscribed(self, channel: str, session: Session) -> None:
+        _discard(self.channels, channel, session)
+        if channel not in self.channels and self.listener is not None:
+            self.listener(channel, False)
 
     def watch(self, session: Session, watchable: Watchable) -> bool:
         """Watch; return False if already watching or no longer registered."""

@@ -22,7 +22,10 @@ from uuid import UUID
 
 from twisted.logger import Logger
 
-from meshd.codec import Opcode, EventType, Watchable, encode
+from autobahn.websocket.protocol import PreparedMessage
+
+from meshd.codec import EventType, Opcode, Watchable, encode
+from meshd.fb.mesh.RouteKind import RouteKind
 from meshd.metrics import Metrics
 from meshd.registry import Registry
 from meshd.session import Session, prepare
@@ -71,9 +74,8 @@ class Event:
         return f"<Event type={self.event_type} channel={self.channel!r} watchable={self.watchable}>"
 
 
-def send_to(sessions: Iterable[Session], event: Event, skip: Optional[Session]) -> int:
-    """Send ``event`` to each session but ``skip``; return how many it was sent to."""
-    prepared = event.prepared
+def send_to(sessions: Iterable[Session], prepared: PreparedMessage, skip: Optional[Session]) -> int:
+    """Send one prepared message to each session but ``skip``; return how many it was sent to."""
     sent = 0
     # A snapshot: a send may close a slow session, which changes the set.
     for session in tuple(sessions):
@@ -104,7 +106,8 @@ class Clients:
         node) and origin session ``instance``.  ``exclude`` is a session id
         that does not receive it.  ``local_only`` keeps it on this node; a
         single node has no other nodes to reach, so both settings deliver to
-        the local subscribers.
+        the local subscribers, and with a mesh ``local_only=False`` also reaches
+        the subscribers on every other node.
         """
         state = self._state
         if not isinstance(frame, Event):
@@ -115,6 +118,8 @@ class Clients:
                 session_id=instance,
                 node_id=node_id or state.node_id,
             )
+        if not local_only and state.router is not None:
+            state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude)
         return state.deliver(state.registry.subscribers(channel), frame, exclude)
 
 
@@ -128,10 +133,12 @@ class NodeState:
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.clients = Clients(self)
+        #: The mesh, when this node is part of one (meshd.mesh.service.Mesh).
+        self.router = None
 
     def deliver(self, sessions: Iterable[Session], event: Event, exclude_id: Optional[UUID] = None) -> int:
         """Send ``event`` to ``sessions`` but the one with id ``exclude_id``; count it."""
-        sent = send_to(sessions, event, self.registry.get(exclude_id))
+        sent = send_to(sessions, event.prepared, self.registry.get(exclude_id))
         self.metrics.delivered(sent)
         return sent
 
@@ -165,18 +172,25 @@ class NodeState:
         reaches every welcomed session.  Passing this node's own id as ``exclude_id``
         skips local delivery.
         """
+        if self.router is not None:
+            self.router.route(
+                RouteKind.Event, frame, channel=frame.channel, watchable=frame.watchable,
+                exclude_node=exclude_id,
+            )
         if exclude_id == self.node_id:
             return 0
+        return self.deliver(self._listeners(frame.channel, frame.watchable), frame)
+
+    def _listeners(self, channel: Optional[str], watchable: Optional[Watchable]) -> Iterable[Session]:
+        """Who a distributed event reaches here: see :meth:`distribute_event`."""
         registry = self.registry
-        if frame.channel is None and frame.watchable is None:
-            recipients: Iterable[Session] = registry.members
-        elif frame.watchable is None:
-            recipients = registry.subscribers(frame.channel)
-        elif frame.channel is None:
-            recipients = registry.watchers_of(frame.watchable)
-        else:
-            recipients = registry.subscribers(frame.channel) | registry.watchers_of(frame.watchable)
-        return self.deliver(recipients, frame)
+        if channel is None and watchable is None:
+            return registry.members
+        if watchable is None:
+            return registry.subscribers(channel)
+        if channel is None:
+            return registry.watchers_of(watchable)
+        return registry.subscribers(channel) | registry.watchers_of(watchable)
 
     def broadcast_event(
         self,
@@ -200,4 +214,21 @@ class NodeState:
     ) -> int:
         """Deliver an event to the sessions watching ``watchable``, but ``exclude_id``."""
         event = self.event(type, watchable=watchable, payload=payload, session_id=session_id)
+        if self.router is not None:
+            self.router.route(
+                RouteKind.WatcherNotification, event, watchable=event.watchable, exclude_session=exclude_id
+            )
         return self.deliver(self.registry.watchers_of(event.watchable), event, exclude_id)
+
+    def deliver_routed(self, routed) -> int:
+        """Deliver an event that came from another node, by its bytes, to the sessions here."""
+        registry = self.registry
+        if routed.kind == RouteKind.ChannelMessage:
+            recipients = registry.subscribers(routed.channel) if routed.channel is not None else ()
+        elif routed.kind == RouteKind.WatcherNotification:
+            recipients = registry.watchers_of(routed.watchable) if routed.watchable is not None else ()
+        else:
+            recipients = self._listeners(routed.channel, routed.watchable)
+        sent = send_to(recipients, prepare(routed.frame), registry.get(routed.exclude_session))
+        self.metrics.deliveries += sent
+        return sent

@@ -8,7 +8,9 @@ from uuid import UUID
 from twisted.python import usage
 
 from meshd.app import Application
-from meshd.config import Config, ConfigError, check_endpoint, is_loopback, load
+from dataclasses import replace
+
+from meshd.config import Config, ConfigError, check_endpoint, is_loopback, load, split_address
 
 
 class Options(usage.Options):
@@ -24,12 +26,15 @@ class Options(usage.Options):
         ["node-name", None, None, "A name for this node in logs."],
         ["max-message-size", None, None, "Largest WebSocket message accepted, in bytes.", int],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint."],
+        ["mesh-listen", None, None, "Mesh listener endpoint (overrides [mesh] listen)."],
+        ["advertise", None, None, "HOST:PORT other nodes dial (overrides [mesh] advertise)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["modules"] = []
+        self["seeds"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """WebSocket server endpoint, e.g. tcp:8765:interface=127.0.0.1 (repeatable)."""
@@ -38,6 +43,14 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--listen: {e}") from None
         self["listen"].append(endpoint)
+
+    def opt_seed(self, address: str) -> None:
+        """HOST:PORT of a node to link with (repeatable; replaces [mesh] seeds)."""
+        try:
+            split_address(address)
+        except ValueError as e:
+            raise usage.UsageError(f"--seed: {e}") from None
+        self["seeds"].append(address)
 
     def opt_module(self, name: str) -> None:
         """Python module with a setup(app) function to load (repeatable)."""
@@ -69,6 +82,23 @@ class Options(usage.Options):
                 check_endpoint(self["metrics"])
             except ValueError as e:
                 raise usage.UsageError(f"--metrics: {e}") from None
+        mesh_flags = dict(
+            listen=self["mesh-listen"], advertise=self["advertise"], seeds=tuple(self["seeds"]) or None
+        )
+        if any(v is not None for v in mesh_flags.values()):
+            if config.mesh is None:
+                raise usage.UsageError(
+                    "--mesh-listen, --advertise and --seed need a [mesh] section in the configuration file"
+                )
+            config = replace(config, mesh=replace(config.mesh, **{k: v for k, v in mesh_flags.items() if v is not None}))
+        if config.mesh is not None:
+            from meshd.mesh.tls import Credentials, CredentialsError
+
+            try:
+                check_endpoint(config.mesh.listen)
+                Credentials.load(config.mesh.ca, config.mesh.cert, config.mesh.key)
+            except (ValueError, CredentialsError) as e:
+                raise usage.UsageError(f"{config.source}: mesh: {e}") from None
         if config.development:
             endpoints = config.listen + ((config.metrics_listen,) if config.metrics_listen else ())
             public = [e for e in endpoints if not is_loopback(e)]
@@ -90,4 +120,6 @@ def makeService(options: Options) -> Application:
         app.listen(endpoint)
     if config.metrics_listen:
         app.serve_metrics(config.metrics_listen)
+    if config.mesh is not None:
+        app.join_mesh(config.mesh)
     return app

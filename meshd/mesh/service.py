@@ -1,0 +1,393 @@
+# -*- test-case-name: tests.test_mesh_links -*-
+"""The mesh: links to every other node, and one-hop routing of events over them.
+
+Routing is a full mesh with one hop.  What originates on this node is sent
+to every peer that needs it; what arrives from a peer is delivered to this
+node's sessions and never sent on, so there are no loops and no
+duplicates.  Each routed frame carries this node's id and the next number
+of one per-node sequence; a peer drops any number it has seen.
+
+Channel messages go only to peers with a subscriber on the channel: each node
+tells its peers which channels it has subscribers for (``Interest``), in its
+LinkHello and then as they change.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Iterable, Optional
+from uuid import UUID
+
+from twisted.application import strports
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from meshd.codec import Watchable
+from meshd.config import MeshSettings, split_address
+from meshd.mesh.framing import FrameTooLarge, frame
+from meshd.mesh.link import Link, LinkEndpoint, LinkFactory
+from meshd.mesh.outbox import Outbox
+from meshd.mesh.tls import Credentials
+from meshd.mesh.wire import (
+    MESH_VERSION,
+    Cursor,
+    GoodbyeCode,
+    Interest,
+    LinkHello,
+    Peer,
+    RouteKind,
+    Routed,
+    encode_interest,
+    encode_peers,
+    encode_routed,
+)
+
+if TYPE_CHECKING:
+    from meshd.app import Application
+    from meshd.state import Event
+
+
+class PeerState:
+    """What this node knows of one other node, kept across its links."""
+
+    __slots__ = (
+        "node", "address", "incarnation", "link", "interests", "outbox", "received_seq", "linked",
+    )
+
+    def __init__(self, node: UUID, address: Optional[str], outbox: Outbox) -> None:
+        self.node = node
+        self.address = address
+        self.incarnation: Optional[int] = None
+        self.link: Optional[Link] = None
+        self.interests: set[str] = set()
+        self.outbox = outbox
+        self.received_seq = 0  # highest seq received from this node's current incarnation
+        self.linked = False  # has been linked at least once: frames for it wait while it is away
+
+
+class Mesh(MultiService):
+    """Links this node with the others of its cluster, and routes events between them."""
+
+    log = Logger()
+
+    def __init__(self, app: "Application", settings: MeshSettings, credentials: Credentials, reactor=None) -> None:
+        super().__init__()
+        self.setName("mesh")
+        self.app = app
+        self.settings = settings
+        self.credentials = credentials
+        self.clock = reactor or app.clock  # a reactor: it also resolves and connects
+        self.node_id = app.node_id
+        self.incarnation = random.getrandbits(63) + 1
+        self.seq = 0
+        self.peers: dict[UUID, PeerState] = {}
+        self.dialers: dict[str, ClientService] = {}
+        self.links: set[Link] = set()
+        self._pending_interest: dict[str, bool] = {}
+        self._interest_flush = None
+        self._expiry = LoopingCall(self._expire)
+        self._expiry.clock = self.clock
+        listener = strports.service(
+            settings.listen,
+            TLSMemoryBIOFactory(credentials.server_options(), False, LinkFactory(self, dialed=False)),
+        )
+        listener.setName(f"mesh-listener:{settings.listen}")
+        listener.setServiceParent(self)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.app.state.router = self
+        self.app.registry.listener = self._interest_changed
+        for seed in self.settings.seeds:
+            self.dial(seed)
+        self._expiry.start(1.0, now=False)
+        self.log.info(
+            "Mesh {cluster}: node {node} listening on {listen}, advertised as {advertise}, seeds {seeds}",
+            cluster=self.settings.cluster, node=self.node_id, listen=self.settings.listen,
+            advertise=self.settings.advertise, seeds=", ".join(self.settings.seeds) or "none",
+        )
+
+    def stopService(self):
+        self.app.state.router = None
+        self.app.registry.listener = None
+        if self._expiry.running:
+            self._expiry.stop()
+        if self._interest_flush is not None and self._interest_flush.active():
+            self._interest_flush.cancel()
+        for link in list(self.links):
+            link.goodbye(GoodbyeCode.Shutdown, "node shutting down")
+        self.dialers.clear()
+        return super().stopService()
+
+    # -- dialing --------------------------------------------------------------------
+
+    def dial(self, address: str) -> None:
+        """Keep a link dialed to ``address`` (until :meth:`park`)."""
+        if address in self.dialers or address == self.settings.advertise:
+            return
+        host, port = split_address(address)
+        endpoint = wrapClientTLS(
+            self.credentials.client_options(host), HostnameEndpoint(self.clock, host, port, timeout=5)
+        )
+        service = ClientService(
+            LinkEndpoint(self, address, endpoint),
+            Factory.forProtocol(Protocol),  # stands for the open link; see LinkEndpoint
+            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=self.settings.reconnect_max_delay),
+            clock=self.clock,
+        )
+        service.setName(f"dial:{address}")
+        self.dialers[address] = service
+        service.setServiceParent(self)
+
+    def park(self, address: Optional[str]) -> None:
+        """Stop dialing ``address``: the node there keeps the link up itself."""
+        service = self.dialers.pop(address, None) if address else None
+        if service is not None:
+            service.disownServiceParent()
+
+    # -- links ----------------------------------------------------------------------
+
+    def hello(self) -> LinkHello:
+        return LinkHello(
+            node=self.node_id,
+            cluster=self.settings.cluster,
+            incarnation=self.incarnation,
+            version=MESH_VERSION,
+            address=self.settings.advertise,
+            peers=tuple(Peer(p.node, p.address) for p in self.peers.values() if p.address),
+            interests=tuple(self.app.registry.channels),
+            cursors=tuple(
+                Cursor(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
+            ),
+        )
+
+    def check_hello(self, link: Link, hello: LinkHello) -> Optional[tuple[int, str]]:
+        """Why a LinkHello is refused, or None if it is acceptable."""
+        if hello.cluster != self.settings.cluster:
+            return GoodbyeCode.WrongCluster, f"cluster {hello.cluster!r} is not {self.settings.cluster!r}"
+        if hello.version != MESH_VERSION:
+            return GoodbyeCode.UnsupportedVersion, f"mesh version {hello.version} is not {MESH_VERSION}"
+        if hello.node == self.node_id:
+            self.park(link.address)
+            return GoodbyeCode.Self, "this is the node itself"
+        return None
+
+    def note_refusal(self, link: Link, reason: str) -> None:
+        self.app.metrics.mesh_refusals += 1
+        self.log.warn("Refused mesh link {link} from {peer}: {reason}", link=link,
+                      peer=_peer_of(link), reason=reason)
+
+    def link_refused(self, link: Link, reason: Failure) -> None:
+        """A connection closed before its handshake completed (TLS failure, wrong peer...)."""
+        self.app.metrics.mesh_refusals += 1
+        self.log.warn(
+            "Mesh connection {direction} {peer} closed before linking: {reason}",
+            direction="to" if link.dialed else "from", peer=link.address or _peer_of(link),
+            reason=_describe(reason),
+        )
+
+    def link_opened(self, link: Link, hello: LinkHello) -> None:
+        peer = self.peers.get(hello.node)
+        if peer is None:
+            peer = self.peers[hello.node] = PeerState(
+                hello.node, None, Outbox(self.settings.queue_max_bytes, self.settings.queue_max_seconds)
+            )
+        new_address = hello.address and hello.address != peer.address
+        if hello.address:
+            peer.address = hello.address
+        if peer.incarnation != hello.incarnation:
+            peer.incarnation = hello.incarnation
+            peer.received_seq = 0
+        self.links.add(link)
+        current = peer.link
+        if current is not None and current is not link and not current.closing:
+            # Two links with one node: both ends keep the one the lower id dialed.
+            keep_current = self._preferred(current, peer) and not self._preferred(link, peer)
+            drop = link if keep_current else current
+            self.log.info("Two links with {node}; keeping the one its lower-id end dialed", node=peer.node)
+            drop.goodbye(GoodbyeCode.Duplicate, "another link with this node is kept")
+            if drop.dialed:
+                self.park(drop.address)
+            if keep_current:
+                return
+        link.peer = peer
+        peer.link = link
+        peer.linked = True
+        peer.interests = set(hello.interests)
+        resume = next(
+            (c.seq for c in hello.cursors if c.node == self.node_id and c.incarnation == self.incarnation), 0
+        )
+        peer.outbox.ack(resume)
+        replayed = 0
+        for data in peer.outbox.after(resume):
+            link.write(data)
+            replayed += 1
+        if not link.dialed and self._preferred(link, peer):
+            self.park(peer.address)  # the other end keeps this link up
+        self.log.info(
+            "Linked with {node} at {address} ({direction}); {replayed} frames resent",
+            node=peer.node, address=peer.address, direction="dialed" if link.dialed else "accepted",
+            replayed=replayed,
+        )
+        if new_address:
+            self._tell_others(link, encode_peers([Peer(peer.node, peer.address)]))
+        self.learn(hello.peers)
+
+    def _preferred(self, link: Link, peer: PeerState) -> bool:
+        """Whether ``link`` was dialed by the lower-id end: the link both ends keep."""
+        dialer = self.node_id if link.dialed else peer.node
+        return dialer.int == min(self.node_id.int, peer.node.int)
+
+    def link_lost(self, link: Link, reason: Failure) -> None:
+        self.links.discard(link)
+        peer = link.peer
+        if peer is None or peer.link is not link:
+            return
+        peer.link = None
+        self.log.warn("Lost the link with {node}: {reason}", node=peer.node, reason=_describe(reason))
+        if peer.address and self.running:
+            self.dial(peer.address)
+
+    def learn(self, peers: Iterable[Peer]) -> None:
+        """Dial the nodes we did not know of."""
+        for p in peers:
+            if p.node == self.node_id:
+                continue
+            known = self.peers.get(p.node)
+            if known is None:
+                known = self.peers[p.node] = PeerState(
+                    p.node, p.address, Outbox(self.settings.queue_max_bytes, self.settings.queue_max_seconds)
+                )
+                self.log.info("Learned of node {node} at {address}", node=p.node, address=p.address)
+            if known.link is None and self.running:
+                self.dial(known.address or p.address)
+
+    def _tell_others(self, source: Link, payload: bytes) -> None:
+        for other in self.links:
+            if other is not source and other.remote is not None:
+                other.send(payload)
+
+    # -- interest -------------------------------------------------------------------
+
+    def _interest_changed(self, channel: str, present: bool) -> None:
+        self._pending_interest[channel] = present
+        if self._interest_flush is None or not self._interest_flush.active():
+            self._interest_flush = self.clock.callLater(0, self._flush_interest)
+
+    def _flush_interest(self) -> None:
+        pending, self._pending_interest = self._pending_interest, {}
+        add = [c for c, present in pending.items() if present]
+        remove = [c for c, present in pending.items() if not present]
+        if not (add or remove):
+            return
+        payload = encode_interest(add, remove)
+        for link in self.links | {p.link for p in self.peers.values() if p.link}:
+            if link.hello_sent:
+                link.send(payload)
+
+    def interest_received(self, link: Link, interest: Interest) -> None:
+        peer = link.peer
+        if peer is not None and peer.link is link:
+            peer.interests.update(interest.add)
+            peer.interests.difference_update(interest.remove)
+
+    # -- routing --------------------------------------------------------------------
+
+    def route(
+        self,
+        kind: int,
+        event: "Event",
+        *,
+        channel: Optional[str] = None,
+        watchable: Optional[Watchable] = None,
+        exclude_session: Optional[UUID] = None,
+        exclude_node: Optional[UUID] = None,
+    ) -> int:
+        """Send an event that originates here to the peers that need it; return how many."""
+        if kind == RouteKind.WatcherNotification and not self.settings.forward_watchers:
+            return 0
+        targets = [
+            p for p in self.peers.values()
+            if p.linked and p.node != exclude_node
+            and (kind != RouteKind.ChannelMessage or channel in p.interests)
+        ]
+        if not targets:
+            return 0
+        self.seq += 1
+        routed = Routed(
+            origin=self.node_id, seq=self.seq, kind=kind, channel=channel, watchable=watchable,
+            exclude_session=exclude_session, frame=event.frame,
+        )
+        try:
+            data = frame(encode_routed(routed), self.settings.max_frame_size)
+        except FrameTooLarge as e:
+            self.log.error("Not routing an event: {error}", error=e)
+            return 0
+        now = self.clock.seconds()
+        metrics = self.app.metrics
+        for peer in targets:
+            dropped = peer.outbox.append(self.seq, data, now)
+            if dropped:
+                self._dropped(peer, dropped, "bytes")
+            if peer.link is not None:
+                peer.link.write(data)
+        metrics.mesh_routed_sent += len(targets)
+        return len(targets)
+
+    def routed_received(self, link: Link, routed: Routed) -> None:
+        peer = link.peer
+        if routed.origin != peer.node:
+            link.violation(f"routed frame from {routed.origin}, not from the linked node {peer.node}")
+            return
+        if routed.seq <= peer.received_seq:
+            self.app.metrics.mesh_duplicates += 1
+            return
+        if routed.frame[4:8] != b"MSH1":
+            link.violation("routed frame does not carry a client frame")
+            return
+        peer.received_seq = routed.seq
+        self.app.metrics.mesh_routed_received += 1
+        self.app.state.deliver_routed(routed)
+
+    def _expire(self) -> None:
+        now = self.clock.seconds()
+        for peer in self.peers.values():
+            if peer.link is None:
+                dropped = peer.outbox.expire(now)
+                if dropped:
+                    self._dropped(peer, dropped, "seconds")
+
+    def _dropped(self, peer: PeerState, count: int, bound: str) -> None:
+        self.app.metrics.mesh_queue_dropped += count
+        self.log.warn(
+            "Dropped {count} queued frames for {node}: past queue_max_{bound}", count=count,
+            node=peer.node, bound=bound,
+        )
+
+
+def _peer_of(link: Link) -> str:
+    try:
+        peer = link.transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+
+
+def _describe(reason: Optional[Failure]) -> str:
+    """A one-line reason for a lost connection; TLS errors by their OpenSSL reasons."""
+    if reason is None:
+        return "unknown"
+    from OpenSSL.SSL import Error as TLSError
+
+    value = reason.value
+    if isinstance(value, TLSError) and value.args and isinstance(value.args[0], list):
+        return "TLS: " + "; ".join(str(e[-1]) for e in value.args[0])
+    return str(value) or type(value).__name__

@@ -1,0 +1,306 @@
+# -*- test-case-name: tests.test_mesh_wire -*-
+"""Encode and decode node-to-node frames (``schemas/mesh.fbs``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+from uuid import UUID
+
+import flatbuffers
+
+from meshd import flatverify as fv
+from meshd.codec import WATCHABLE, Watchable
+from meshd.fb.client import Watchable as W
+from meshd.fb.client.Uuid import CreateUuid
+from meshd.fb.mesh import Cursor as C
+from meshd.fb.mesh import Frame as F
+from meshd.fb.mesh import Goodbye as G
+from meshd.fb.mesh import Heartbeat as H
+from meshd.fb.mesh import Interest as I
+from meshd.fb.mesh import LinkHello as L
+from meshd.fb.mesh import Peer as P
+from meshd.fb.mesh import Peers as PS
+from meshd.fb.mesh import Routed as R
+from meshd.fb.mesh.Body import Body
+from meshd.fb.mesh.GoodbyeCode import GoodbyeCode
+from meshd.fb.mesh.RouteKind import RouteKind
+
+__all__ = [
+    "MESH_IDENTIFIER", "MESH_VERSION", "Body", "Cursor", "Goodbye", "GoodbyeCode", "Heartbeat",
+    "Interest", "LinkHello", "Malformed", "Peer", "Peers", "RouteKind", "Routed", "decode",
+    "encode_goodbye", "encode_heartbeat", "encode_hello", "encode_interest", "encode_peers",
+    "encode_routed",
+]
+
+MESH_IDENTIFIER = b"MSHM"
+MESH_VERSION = 1
+Malformed = fv.Malformed
+_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Peer:
+    node: UUID
+    address: str
+
+
+@dataclass(frozen=True)
+class Cursor:
+    node: UUID
+    incarnation: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class LinkHello:
+    node: UUID
+    cluster: str
+    incarnation: int = 0
+    version: int = 0
+    address: str = ""
+    peers: tuple[Peer, ...] = ()
+    interests: tuple[str, ...] = ()
+    cursors: tuple[Cursor, ...] = ()
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    acked: int = 0
+
+
+@dataclass(frozen=True)
+class Routed:
+    origin: UUID
+    frame: bytes
+    seq: int = 0
+    kind: int = RouteKind.Event
+    channel: Optional[str] = None
+    watchable: Optional[Watchable] = None
+    exclude_session: Optional[UUID] = None
+
+
+@dataclass(frozen=True)
+class Interest:
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Peers:
+    peers: tuple[Peer, ...] = ()
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    code: int = GoodbyeCode.Shutdown
+    reason: str = ""
+
+
+MeshFrame = Union[LinkHello, Heartbeat, Routed, Interest, Peers, Goodbye]
+
+
+# -- decoding -------------------------------------------------------------------
+
+
+def _make(cls, tuples: tuple[str, ...] = ()):
+    def make(values: dict):
+        for name in tuples:
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    return make
+
+
+_PEER = fv.Table(
+    "Peer",
+    (fv.Field("node", fv.UUID_STRUCT, required=True), fv.Field("address", fv.STRING, required=True)),
+    _make(Peer),
+)
+_CURSOR = fv.Table(
+    "Cursor",
+    (fv.Field("node", fv.UUID_STRUCT, required=True), fv.Field("incarnation", fv.U64), fv.Field("seq", fv.U64)),
+    _make(Cursor),
+)
+_HELLO = fv.Table(
+    "LinkHello",
+    (
+        fv.Field("node", fv.UUID_STRUCT, required=True),
+        fv.Field("incarnation", fv.U64),
+        fv.Field("cluster", fv.STRING, required=True),
+        fv.Field("version", fv.U16),
+        fv.Field("address", fv.STRING),
+        fv.Field("peers", fv.TABLES, _PEER),
+        fv.Field("interests", fv.STRINGS),
+        fv.Field("cursors", fv.TABLES, _CURSOR),
+    ),
+    _make(LinkHello, ("peers", "interests", "cursors")),
+)
+_HEARTBEAT = fv.Table("Heartbeat", (fv.Field("acked", fv.U64),), _make(Heartbeat))
+_ROUTED = fv.Table(
+    "Routed",
+    (
+        fv.Field("origin", fv.UUID_STRUCT, required=True),
+        fv.Field("seq", fv.U64),
+        fv.Field("kind", fv.U8),
+        fv.Field("channel", fv.STRING),
+        fv.Field("watchable", fv.TABLE, WATCHABLE),
+        fv.Field("exclude_session", fv.UUID_STRUCT),
+        fv.Field("frame", fv.BYTES, required=True),
+    ),
+    _make(Routed),
+)
+_INTEREST = fv.Table(
+    "Interest", (fv.Field("add", fv.STRINGS), fv.Field("remove", fv.STRINGS)), _make(Interest, ("add", "remove"))
+)
+_PEERS = fv.Table("Peers", (fv.Field("peers", fv.TABLES, _PEER),), _make(Peers, ("peers",)))
+_GOODBYE = fv.Table("Goodbye", (fv.Field("code", fv.U16), fv.Field("reason", fv.STRING)), _make(Goodbye))
+_FRAME = fv.Table(
+    "Frame",
+    (
+        fv.Field("body_type", fv.UNION_TYPE),
+        fv.Field(
+            "body",
+            fv.UNION,
+            {
+                Body.LinkHello: ("LinkHello", _HELLO),
+                Body.Heartbeat: ("Heartbeat", _HEARTBEAT),
+                Body.Routed: ("Routed", _ROUTED),
+                Body.Interest: ("Interest", _INTEREST),
+                Body.Peers: ("Peers", _PEERS),
+                Body.Goodbye: ("Goodbye", _GOODBYE),
+            },
+            required=True,
+        ),
+    ),
+    lambda values: values["body"],
+)
+
+
+def decode(buf: bytes) -> MeshFrame:
+    """Verify and decode one mesh Frame; raise :class:`Malformed` if it is not one."""
+    return fv.read(buf, MESH_IDENTIFIER, _FRAME)
+
+
+# -- encoding -------------------------------------------------------------------
+
+
+def _uuid(b: flatbuffers.Builder, value: UUID) -> int:
+    n = value.int
+    return CreateUuid(b, n >> 64, n & _U64)
+
+
+def _strings(b: flatbuffers.Builder, values) -> int:
+    offsets = [b.CreateString(v) for v in values]
+    b.StartVector(4, len(offsets), 4)
+    for o in reversed(offsets):
+        b.PrependUOffsetTRelative(o)
+    return b.EndVector()
+
+
+def _tables(b: flatbuffers.Builder, offsets: list[int]) -> int:
+    b.StartVector(4, len(offsets), 4)
+    for o in reversed(offsets):
+        b.PrependUOffsetTRelative(o)
+    return b.EndVector()
+
+
+def _peer(b: flatbuffers.Builder, peer: Peer) -> int:
+    address = b.CreateString(peer.address)
+    P.Start(b)
+    P.AddNode(b, _uuid(b, peer.node))
+    P.AddAddress(b, address)
+    return P.End(b)
+
+
+def _finish(b: flatbuffers.Builder, body_type: int, body: int) -> bytes:
+    F.Start(b)
+    F.AddBodyType(b, body_type)
+    F.AddBody(b, body)
+    b.Finish(F.End(b), file_identifier=MESH_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def encode_hello(hello: LinkHello) -> bytes:
+    b = flatbuffers.Builder(256)
+    cluster = b.CreateString(hello.cluster)
+    address = b.CreateString(hello.address)
+    peers = _tables(b, [_peer(b, p) for p in hello.peers])
+    interests = _strings(b, hello.interests)
+    cursors = []
+    for c in hello.cursors:
+        C.Start(b)
+        C.AddNode(b, _uuid(b, c.node))
+        C.AddIncarnation(b, c.incarnation)
+        C.AddSeq(b, c.seq)
+        cursors.append(C.End(b))
+    cursor_vector = _tables(b, cursors)
+    L.Start(b)
+    L.AddNode(b, _uuid(b, hello.node))
+    L.AddIncarnation(b, hello.incarnation)
+    L.AddCluster(b, cluster)
+    L.AddVersion(b, hello.version)
+    L.AddAddress(b, address)
+    L.AddPeers(b, peers)
+    L.AddInterests(b, interests)
+    L.AddCursors(b, cursor_vector)
+    return _finish(b, Body.LinkHello, L.End(b))
+
+
+def encode_heartbeat(acked: int) -> bytes:
+    b = flatbuffers.Builder(32)
+    H.Start(b)
+    H.AddAcked(b, acked)
+    return _finish(b, Body.Heartbeat, H.End(b))
+
+
+def encode_routed(routed: Routed) -> bytes:
+    b = flatbuffers.Builder(len(routed.frame) + 128)
+    frame = b.CreateByteVector(routed.frame)
+    channel = b.CreateString(routed.channel) if routed.channel is not None else 0
+    watchable = 0
+    if routed.watchable is not None:
+        kind, ident = b.CreateString(routed.watchable.kind), b.CreateString(routed.watchable.id)
+        W.Start(b)
+        W.AddKind(b, kind)
+        W.AddId(b, ident)
+        watchable = W.End(b)
+    R.Start(b)
+    R.AddOrigin(b, _uuid(b, routed.origin))
+    R.AddSeq(b, routed.seq)
+    R.AddKind(b, routed.kind)
+    if channel:
+        R.AddChannel(b, channel)
+    if watchable:
+        R.AddWatchable(b, watchable)
+    if routed.exclude_session is not None:
+        R.AddExcludeSession(b, _uuid(b, routed.exclude_session))
+    R.AddFrame(b, frame)
+    return _finish(b, Body.Routed, R.End(b))
+
+
+def encode_interest(add=(), remove=()) -> bytes:
+    b = flatbuffers.Builder(64)
+    a, r = _strings(b, add), _strings(b, remove)
+    I.Start(b)
+    I.AddAdd(b, a)
+    I.AddRemove(b, r)
+    return _finish(b, Body.Interest, I.End(b))
+
+
+def encode_peers(peers) -> bytes:
+    b = flatbuffers.Builder(128)
+    vector = _tables(b, [_peer(b, p) for p in peers])
+    PS.Start(b)
+    PS.AddPeers(b, vector)
+    return _finish(b, Body.Peers, PS.End(b))
+
+
+def encode_goodbye(code: int, reason: str) -> bytes:
+    b = flatbuffers.Builder(64)
+    text = b.CreateString(reason)
+    G.Start(b)
+    G.AddCode(b, code)
+    G.AddReason(b, text)
+    return _finish(b, Body.Goodbye, G.End(b))

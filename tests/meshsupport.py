@@ -1,0 +1,117 @@
+"""Clusters of in-process nodes linked over real TLS on loopback."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+from uuid import UUID
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from meshd.app import Application
+from meshd.client import MeshClient, connect
+from meshd.config import Config, MeshSettings
+from meshd.mesh.certs import create_ca, issue_node
+
+from .support import NodeTestCase, close_quietly, free_port, sleep
+
+
+def make_certs(directory: Path, names: Sequence[str], cluster: str = "test") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    create_ca(directory, cluster)
+    for name in names:
+        issue_node(directory, name, ["127.0.0.1", "localhost"])
+    return directory
+
+
+class Node:
+    def __init__(self, app: Application, url: str, name: str) -> None:
+        self.app, self.url, self.name = app, url, name
+
+    @property
+    def mesh(self):
+        return self.app.mesh
+
+    @property
+    def address(self) -> str:
+        return self.app.mesh.settings.advertise
+
+    def links(self) -> int:
+        return sum(1 for p in self.mesh.peers.values() if p.link is not None)
+
+
+class MeshTestCase(NodeTestCase):
+    """Start several nodes that link with each other."""
+
+    cluster = "test"
+
+    def certs(self) -> Path:
+        if not hasattr(self, "_certs"):
+            self._certs = make_certs(Path(self.mktemp()).resolve(), [f"n{i}" for i in range(6)], self.cluster)
+        return self._certs
+
+    def settings(self, index: int, seeds: Sequence[str] = (), port: Optional[int] = None, **kw) -> MeshSettings:
+        d = self.certs()
+        port = port or free_port()
+        values = dict(
+            cluster=self.cluster, listen=f"tcp:{port}:interface=127.0.0.1", advertise=f"127.0.0.1:{port}",
+            ca=d / "ca.pem", cert=d / f"n{index}.pem", key=d / f"n{index}.key", seeds=tuple(seeds),
+            heartbeat_interval=0.2, heartbeat_timeout=2.0, reconnect_max_delay=0.5,
+        )
+        values.update(kw)
+        return MeshSettings(**values)
+
+    async def start_mesh_node(self, settings: MeshSettings, node_id: Optional[UUID] = None,
+                              name: str = "", **config) -> Node:
+        app = Application(Config(source=Path("test.toml"), rules=_ALLOW_ALL, node_id=node_id, mesh=settings, **config))
+        app.join_mesh(settings)
+        app.startService()
+        self.addCleanup(app.stopService)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(app.factory)
+        self.addCleanup(port.stopListening)
+        return Node(app, f"ws://127.0.0.1:{port.getHost().port}", name)
+
+    async def cluster_of(self, count: int, **kw) -> list[Node]:
+        """``count`` nodes; each one's only seed is the node before it."""
+        nodes: list[Node] = []
+        for i in range(count):
+            seeds = [nodes[-1].address] if nodes else []
+            nodes.append(await self.start_mesh_node(self.settings(i, seeds, **kw), name=f"n{i}"))
+        await self.wait_for(lambda: all(n.links() == count - 1 for n in nodes), "full mesh")
+        return nodes
+
+    async def wait_for(self, condition, what: str, timeout: float = 15.0) -> None:
+        steps = int(timeout / 0.02)
+        for _ in range(steps):
+            if condition():
+                return
+            await sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def client_of(self, node: Node, token: Optional[str] = None) -> MeshClient:
+        client = await connect(node.url, token, reactor=reactor)
+        client.received = []  # type: ignore[attr-defined]
+        client.add_listener(client.received.append)
+        self.addCleanup(close_quietly, client)
+        return client
+
+    async def interest_settled(self, nodes: Sequence[Node], channel: str, holders: Sequence[Node]) -> None:
+        """Wait until every node knows which others have subscribers on ``channel``."""
+        def settled() -> bool:
+            for n in nodes:
+                for other in nodes:
+                    if other is n:
+                        continue
+                    peer = n.mesh.peers.get(other.app.node_id)
+                    if peer is None or (channel in peer.interests) != (other in holders):
+                        return False
+            return True
+
+        await self.wait_for(settled, f"interest in {channel!r}")
+
+
+from meshd.permissions import Rule  # noqa: E402
+
+_ALLOW_ALL = (Rule("*", anonymous=frozenset({"subscribe", "publish", "watch"})),)

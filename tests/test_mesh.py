@@ -1,0 +1,174 @@
+"""The mesh, with in-process nodes linked over real mutual TLS on loopback."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from meshd.codec import EventType, Watchable
+
+from .meshsupport import MeshTestCase
+from .support import payloads, sleep
+
+
+class FormationTests(MeshTestCase):
+    async def test_full_mesh_from_one_seed_each(self) -> None:
+        """Three nodes, each seeded with only the previous one, end fully linked, one link per pair."""
+        nodes = await self.cluster_of(3)
+        await sleep(0.5)  # let duplicate links settle
+        for n in nodes:
+            self.assertEqual(n.links(), 2)
+            self.assertEqual(len([l for l in n.mesh.links if not l.closing]), 2)
+            self.assertEqual(set(n.mesh.peers), {o.app.node_id for o in nodes if o is not n})
+
+    async def test_simultaneous_dials_keep_one_link(self) -> None:
+        """Two nodes that dial each other at once keep exactly one link, the same on both sides."""
+        from .support import free_port
+
+        pa, pb = free_port(), free_port()
+        a = await self.start_mesh_node(self.settings(0, [f"127.0.0.1:{pb}"], port=pa))
+        b = await self.start_mesh_node(self.settings(1, [f"127.0.0.1:{pa}"], port=pb))
+        await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "link")
+        await sleep(1.0)
+        self.assertEqual([l for l in a.mesh.links if not l.closing].__len__(), 1)
+        self.assertEqual([l for l in b.mesh.links if not l.closing].__len__(), 1)
+        link_a = a.mesh.peers[b.app.node_id].link
+        link_b = b.mesh.peers[a.app.node_id].link
+        self.assertNotEqual(link_a.dialed, link_b.dialed, "the two ends of one link")
+        lower = min(a.app.node_id, b.app.node_id, key=lambda u: u.int)
+        dialer = a if link_a.dialed else b
+        self.assertEqual(dialer.app.node_id, lower)
+
+
+class RoutingTests(MeshTestCase):
+    async def test_publish_reaches_every_node_once(self) -> None:
+        """A publish on any node reaches the subscribers on every node once, in order."""
+        nodes = await self.cluster_of(3)
+        subs = [await self.client_of(n) for n in nodes]
+        for s in subs:
+            await s.subscribe("room")
+        await self.interest_settled(nodes, "room", nodes)
+        for i, n in enumerate(nodes):
+            pub = await self.client_of(n)
+            for j in range(20):
+                await pub.publish("room", b"%d-%d" % (i, j))
+        await self.wait_for(lambda: all(len(s.received) >= 60 for s in subs), "deliveries")
+        await sleep(0.3)
+        for s in subs:
+            got = payloads(s.received)
+            self.assertEqual(len(got), 60)
+            for i in range(3):
+                self.assertEqual([p for p in got if p.startswith(b"%d-" % i)], [b"%d-%d" % (i, j) for j in range(20)])
+        self.assertEqual(sum(n.app.metrics.mesh_duplicates for n in nodes), 0)
+
+    async def test_channel_messages_follow_interest(self) -> None:
+        """Channel messages go only to nodes with subscribers, and stop when they leave."""
+        a, b, c = await self.cluster_of(3)
+        sub_b = await self.client_of(b)
+        await sub_b.subscribe("news")
+        await self.interest_settled([a, b, c], "news", [b])
+        pub = await self.client_of(a)
+        await pub.publish("news", b"1")
+        await self.wait_for(lambda: len(sub_b.received) == 1, "delivery")
+        self.assertEqual(a.app.metrics.mesh_routed_sent, 1, "only to b, not to c")
+        self.assertEqual(c.app.metrics.mesh_routed_received, 0)
+        await sub_b.close()
+        await self.interest_settled([a, b, c], "news", [])
+        await pub.publish("news", b"2")
+        self.assertEqual(a.app.metrics.mesh_routed_sent, 1)
+
+    async def test_local_only(self) -> None:
+        """broadcast_to_channel with local_only=True stays on its node; False reaches all."""
+        a, b = await self.cluster_of(2)
+        sa, sb = await self.client_of(a), await self.client_of(b)
+        for s in (sa, sb):
+            await s.subscribe("c")
+        await self.interest_settled([a, b], "c", [a, b])
+        a.app.state.clients.broadcast_to_channel(None, "c", b"local", local_only=True)
+        a.app.state.clients.broadcast_to_channel(None, "c", b"everywhere", local_only=False)
+        await self.wait_for(lambda: len(sb.received) == 1, "delivery")
+        await self.settle(sa, sb)
+        self.assertEqual(payloads(sa.received), [b"local", b"everywhere"])
+        self.assertEqual(payloads(sb.received), [b"everywhere"])
+        self.assertEqual(sb.received[0].node, a.app.node_id, "origin node travels with the event")
+
+    async def test_distribute_exclude(self) -> None:
+        """distribute_event reaches every node but exclude_id."""
+        a, b, c = await self.cluster_of(3)
+        subs = {n.name: await self.client_of(n) for n in (a, b, c)}
+        for s in subs.values():
+            await s.subscribe("d")
+        await self.interest_settled([a, b, c], "d", [a, b, c])
+        state = a.app.state
+        state.distribute_event(state.event(EventType.NodeEvent, channel="d", payload=b"not-b"), exclude_id=b.app.node_id)
+        state.distribute_event(state.event(EventType.NodeEvent, payload=b"all"))
+        state.distribute_event(state.event(EventType.NodeEvent, payload=b"not-a"), exclude_id=a.app.node_id)
+        await self.wait_for(lambda: len(subs["n2"].received) == 3, "deliveries")
+        await sleep(0.2)
+        self.assertEqual(payloads(subs["n0"].received), [b"not-b", b"all"])
+        self.assertEqual(payloads(subs["n1"].received), [b"all", b"not-a"])
+        self.assertEqual(payloads(subs["n2"].received), [b"not-b", b"all", b"not-a"])
+
+    async def test_watchers_not_forwarded_by_default(self) -> None:
+        """notify_event stays local unless forward_watchers is on."""
+        a, b = await self.cluster_of(2)
+        wa, wb = await self.client_of(a), await self.client_of(b)
+        for w in (wa, wb):
+            await w.watch("doc", "1")
+        a.app.state.notify_event(EventType.ResourceEvent, ("doc", "1"), None, b"v1")
+        await self.settle(wa)
+        await sleep(0.3)
+        self.assertEqual(payloads(wa.received), [b"v1"])
+        self.assertEqual(wb.received, [])
+
+    async def test_watchers_forwarded_when_configured(self) -> None:
+        """With forward_watchers, notify_event reaches the watchers on every node, except exclude_id."""
+        a, b = await self.cluster_of(2, forward_watchers=True)
+        wa, wb, wb2 = await self.client_of(a), await self.client_of(b), await self.client_of(b)
+        for w in (wa, wb, wb2):
+            await w.watch("doc", "1")
+        a.app.state.notify_event(EventType.ResourceEvent, Watchable("doc", "1"), None, b"v1", exclude_id=wb2.session_id)
+        await self.wait_for(lambda: len(wb.received) == 1, "forwarded notification")
+        await sleep(0.2)
+        self.assertEqual((payloads(wa.received), payloads(wb.received), wb2.received), ([b"v1"], [b"v1"], []))
+
+
+class OutageTests(MeshTestCase):
+    async def test_cut_link_loses_and_duplicates_nothing(self) -> None:
+        """Frames sent around a broken link arrive once and in order after it comes back."""
+        a, b = await self.cluster_of(2)
+        sub = await self.client_of(b)
+        await sub.subscribe("c")
+        await self.interest_settled([a, b], "c", [b])
+        pub = await self.client_of(a)
+        sent = 0
+        for round_ in range(5):
+            for _ in range(50):
+                sent += 1
+                pub.publish("c", b"%d" % sent, ack=False)
+            await pub.ping()
+            link = a.mesh.peers[b.app.node_id].link
+            if link is not None:
+                link.transport.abortConnection()  # cut in mid-stream
+            for _ in range(50):
+                sent += 1
+                pub.publish("c", b"%d" % sent, ack=False)
+            await pub.ping()
+            await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "relink")
+        await self.wait_for(lambda: len(sub.received) >= sent, f"{sent} deliveries")
+        await sleep(0.5)
+        self.assertEqual(payloads(sub.received), [b"%d" % i for i in range(1, sent + 1)])
+        self.assertEqual(a.app.metrics.mesh_queue_dropped, 0)
+
+    async def test_past_the_bound_the_queue_is_dropped(self) -> None:
+        """A queue past queue_max_bytes is dropped and counted; later frames flow again."""
+        a, b = await self.cluster_of(2, queue_max_bytes=20_000)
+        sub = await self.client_of(b)
+        await sub.subscribe("c")
+        await self.interest_settled([a, b], "c", [b])
+        pub = await self.client_of(a)
+        await b.app.stopService()  # b goes away; a keeps its queue for b
+        await self.wait_for(lambda: a.links() == 0, "link down")
+        for i in range(100):
+            await pub.publish("c", b"x" * 500)
+        self.assertGreater(a.app.metrics.mesh_queue_dropped, 0)
+        self.assertLessEqual(a.mesh.peers[b.app.node_id].outbox.size, 20_000)

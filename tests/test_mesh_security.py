@@ -1,0 +1,151 @@
+"""Mesh refusals: each is logged with its reason and reaches neither the peers nor the registry."""
+
+from __future__ import annotations
+
+import datetime
+import struct
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher, formatEvent
+
+from meshd.mesh.certs import create_ca, issue_node
+from meshd.mesh.framing import frame
+from meshd.mesh.tls import Credentials
+from meshd.mesh.wire import LinkHello, encode_hello
+
+from .meshsupport import MeshTestCase
+from .support import sleep
+
+
+class Recorder(Protocol):
+    def connectionMade(self) -> None:
+        self.factory.connected.append(self)
+        self.received = b""
+        self.lost = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
+
+
+class RefusalTests(MeshTestCase):
+    def setUp(self) -> None:
+        self.logged: list[str] = []
+
+        def observe(event) -> None:
+            if event.get("log_namespace", "").startswith("meshd.mesh"):
+                self.logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    async def target(self):
+        node = await self.start_mesh_node(self.settings(0))
+        client = await self.client_of(node)
+        await client.subscribe("watched")
+        self.baseline_sessions = set(node.app.registry.sessions)
+        return node
+
+    async def assert_refused(self, node, words: str) -> None:
+        await self.wait_for(lambda: any(words in line for line in self.logged), f"a log line with {words!r}")
+        await sleep(0.3)
+        self.assertEqual(node.mesh.peers, {}, "a refused node never becomes a peer")
+        self.assertEqual(node.links(), 0)
+        self.assertGreater(node.app.metrics.mesh_refusals, 0)
+        self.assertEqual(set(node.app.registry.sessions), self.baseline_sessions)
+
+    async def test_certificate_from_another_ca(self) -> None:
+        """A node whose certificate another CA signed is refused by the TLS handshake."""
+        node = await self.target()
+        other = Path(self.mktemp()).resolve()
+        other.mkdir()
+        create_ca(other, "impostors")
+        issue_node(other, "x", ["127.0.0.1"])
+        settings = self.settings(1, [node.address], cert=other / "x.pem", key=other / "x.key")
+        await self.start_mesh_node(settings)
+        await self.assert_refused(node, "closed before linking: TLS: certificate verify failed")
+
+    async def test_server_certificate_from_another_ca(self) -> None:
+        """Dialing a node whose certificate another CA signed fails on the dialer's side."""
+        other = Path(self.mktemp()).resolve()
+        other.mkdir()
+        create_ca(other, "impostors")
+        issue_node(other, "x", ["127.0.0.1"])
+        impostor = await self.start_mesh_node(
+            self.settings(1, ca=other / "ca.pem", cert=other / "x.pem", key=other / "x.key")
+        )
+        node = await self.start_mesh_node(self.settings(0, [impostor.address]))
+        self.baseline_sessions = set()
+        await self.assert_refused(node, "certificate verify failed")
+
+    async def test_expired_certificate(self) -> None:
+        """A certificate past its end date is refused."""
+        node = await self.target()
+        d = self.certs()
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
+        issue_node(d, "expired", ["127.0.0.1"], not_before=past - datetime.timedelta(days=30),
+                   not_after=past)
+        await self.start_mesh_node(self.settings(1, [node.address], cert=d / "expired.pem", key=d / "expired.key"))
+        await self.assert_refused(node, "closed before linking: TLS: certificate verify failed")
+        # The node tells the dialer why, in a TLS alert.
+        await self.wait_for(lambda: any("certificate expired" in line for line in self.logged), "the alert")
+
+    async def test_plaintext(self) -> None:
+        """A plaintext connection, even one speaking the mesh protocol, is refused."""
+        node = await self.target()
+        host, port = node.address.split(":")
+        factory = Factory.forProtocol(Recorder)
+        factory.connected = []
+        hello = LinkHello(node=node.app.node_id, cluster="test", version=1)
+        proto = await TCP4ClientEndpoint(reactor, host, int(port)).connect(factory)
+        proto.transport.write(frame(encode_hello(hello), 1 << 20))
+        await self.wait_for(lambda: proto.lost is not None, "the node to close the connection")
+        await self.assert_refused(node, "closed before linking: TLS:")
+
+    async def test_wrong_cluster(self) -> None:
+        """A node of another cluster is told why and refused."""
+        node = await self.target()
+        await self.start_mesh_node(self.settings(1, [node.address], cluster="other"))
+        await self.assert_refused(node, "cluster 'other' is not 'test'")
+
+    async def tls_link(self, node) -> Recorder:
+        """A TLS connection with a valid certificate, speaking raw bytes."""
+        d = self.certs()
+        creds = Credentials.load(d / "ca.pem", d / "n5.pem", d / "n5.key")
+        host, port = node.address.split(":")
+        factory = Factory.forProtocol(Recorder)
+        factory.connected = []
+        endpoint = wrapClientTLS(creds.client_options(host), TCP4ClientEndpoint(reactor, host, int(port)))
+        return await endpoint.connect(factory)
+
+    async def test_malformed_frame(self) -> None:
+        """Garbage inside a valid TLS link is a protocol violation: Goodbye, then close."""
+        node = await self.target()
+        proto = await self.tls_link(node)
+        proto.transport.write(struct.pack(">I", 8) + b"garbage!")
+        await self.wait_for(lambda: proto.lost is not None, "the node to close the link")
+        self.assertIn(b"malformed frame", proto.received, "the Goodbye says why")
+        await self.assert_refused(node, "protocol violation: malformed frame")
+
+    async def test_oversize_frame(self) -> None:
+        """A frame announced over max_frame_size is refused before it is read."""
+        node = await self.target()
+        proto = await self.tls_link(node)
+        proto.transport.write(struct.pack(">I", 50_000_000))
+        await self.wait_for(lambda: proto.lost is not None, "the node to close the link")
+        await self.assert_refused(node, "protocol violation: peer announced a frame")
+
+    async def test_frame_before_hello(self) -> None:
+        """A valid frame other than LinkHello first is a violation."""
+        from meshd.mesh.wire import encode_heartbeat
+
+        node = await self.target()
+        proto = await self.tls_link(node)
+        proto.transport.write(frame(encode_heartbeat(0), 1 << 20))
+        await self.wait_for(lambda: proto.lost is not None, "the node to close the link")
+        await self.assert_refused(node, "Heartbeat before LinkHello")

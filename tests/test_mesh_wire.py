@@ -1,0 +1,108 @@
+"""Mesh frames, framing and the outbox, without sockets."""
+
+from __future__ import annotations
+
+import struct
+from uuid import uuid4
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from meshd.codec import Watchable
+from meshd.mesh.framing import Deframer, FrameTooLarge, frame
+from meshd.mesh.outbox import Outbox
+from meshd.mesh.wire import (
+    Cursor, Goodbye, GoodbyeCode, Heartbeat, Interest, LinkHello, Malformed, Peer, Peers, RouteKind,
+    Routed, decode, encode_goodbye, encode_heartbeat, encode_hello, encode_interest, encode_peers,
+    encode_routed,
+)
+
+
+def samples() -> list[bytes]:
+    return [
+        encode_hello(LinkHello(node=uuid4(), cluster="c", incarnation=3, version=1, address="h:1",
+                               peers=(Peer(uuid4(), "a:2"),), interests=("x", "y"), cursors=(Cursor(uuid4(), 1, 2),))),
+        encode_heartbeat(7),
+        encode_routed(Routed(origin=uuid4(), frame=b"MSH1....", seq=9, kind=RouteKind.WatcherNotification,
+                             channel="c", watchable=Watchable("k", "i"), exclude_session=uuid4())),
+        encode_interest(["a"], ["b"]),
+        encode_peers([Peer(uuid4(), "p:3")]),
+        encode_goodbye(GoodbyeCode.Duplicate, "dup"),
+    ]
+
+
+class WireTests(unittest.SynchronousTestCase):
+    def test_round_trips(self) -> None:
+        """Every frame type decodes to what was encoded."""
+        hello = LinkHello(node=uuid4(), cluster="c", incarnation=3, version=1, address="h:1",
+                          peers=(Peer(uuid4(), "a:2"),), interests=("x",), cursors=(Cursor(uuid4(), 1, 2),))
+        self.assertEqual(decode(encode_hello(hello)), hello)
+        self.assertEqual(decode(encode_heartbeat(5)), Heartbeat(5))
+        routed = Routed(origin=uuid4(), frame=b"abc", seq=2, kind=RouteKind.ChannelMessage, channel="x")
+        self.assertEqual(decode(encode_routed(routed)), routed)
+        self.assertEqual(decode(encode_interest(["a"], [])), Interest(("a",), ()))
+        self.assertEqual(decode(encode_goodbye(GoodbyeCode.Self, "me")), Goodbye(GoodbyeCode.Self, "me"))
+        peers = Peers((Peer(uuid4(), "x:1"),))
+        self.assertEqual(decode(encode_peers(peers.peers)), peers)
+
+    def test_client_identifier_refused(self) -> None:
+        """A client frame is not a mesh frame."""
+        from meshd.codec import Opcode, encode
+
+        with self.assertRaises(Malformed):
+            decode(encode(Opcode.Ping))
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.sampled_from(range(6)), st.data())
+    def test_mutations_only_raise_malformed(self, which: int, data) -> None:
+        """Mesh frames with random bytes overwritten or cut never raise anything but Malformed."""
+        buf = bytearray(samples()[which])
+        for _ in range(data.draw(st.integers(1, 6))):
+            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(0, len(buf)))
+        try:
+            decode(bytes(buf[:cut] if data.draw(st.booleans()) else buf))
+        except Malformed:
+            pass
+
+
+class FramingTests(unittest.SynchronousTestCase):
+    def test_split_anywhere(self) -> None:
+        """Frames come out whole however the stream is cut."""
+        payloads = [b"a", b"", b"x" * 1000, b"end"]
+        stream = b"".join(frame(p, 4096) for p in payloads)
+        for step in (1, 3, 7, 1000, len(stream)):
+            d = Deframer(4096)
+            out = []
+            for i in range(0, len(stream), step):
+                out += d.feed(stream[i : i + step])
+            self.assertEqual(out, payloads)
+            self.assertEqual(d.pending, 0)
+
+    def test_limits(self) -> None:
+        """Oversize frames are refused on both sides, before any body arrives."""
+        self.assertRaises(FrameTooLarge, frame, b"x" * 11, 10)
+        self.assertRaises(FrameTooLarge, Deframer(10).feed, struct.pack(">I", 11))
+
+
+class OutboxTests(unittest.SynchronousTestCase):
+    def test_ack_and_replay(self) -> None:
+        """Acknowledged frames go; the rest replay in order from a cursor."""
+        box = Outbox(max_bytes=1000, max_age=10)
+        for seq in range(1, 6):
+            self.assertEqual(box.append(seq, b"%d" % seq, now=0), 0)
+        box.ack(2)
+        self.assertEqual(list(box.after(3)), [b"4", b"5"])
+        self.assertEqual(list(box.after(0)), [b"3", b"4", b"5"])
+        self.assertEqual((len(box), box.size), (3, 3))
+
+    def test_bounds(self) -> None:
+        """Past max_bytes or max_age everything is dropped and counted."""
+        box = Outbox(max_bytes=10, max_age=5)
+        self.assertEqual(box.append(1, b"x" * 6, now=0), 0)
+        self.assertEqual(box.append(2, b"x" * 6, now=0), 2)
+        self.assertEqual((len(box), box.size), (0, 0))
+        box.append(3, b"y", now=10)
+        self.assertEqual(box.expire(now=14), 0)
+        self.assertEqual(box.expire(now=16), 1)
