@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Optional
 from uuid import UUID, uuid4
 
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -126,7 +127,7 @@ class Application(MultiService):
     # -- sessions -----------------------------------------------------------------
 
     def open_session(self, protocol, peer: str = "") -> Session:
-        session = Session(protocol, peer, max_backlog=self.config.max_send_buffer)
+        session = Session(protocol, peer, max_backlog=self.config.max_send_buffer, clock=self.clock)
         self.registry.add(session)
         self.metrics.sessions_opened += 1
         transport = getattr(protocol, "transport", None)
@@ -175,30 +176,35 @@ class Application(MultiService):
         try:
             registration = lookup(self.handlers, session, message)
             result = registration.handler(request)
+            if inspect.iscoroutine(result):
+                result = ensureDeferred(result)
+            if not isinstance(result, Deferred):
+                self._finish(request, result)
+                return
         except Exception as e:
             self._failed(request, Failure(e))
             return
-        if isinstance(result, Deferred):
-            result.addCallbacks(lambda r: self._finish(request, r), lambda f: self._failed(request, f))
-        else:
-            self._finish(request, result)
+        result.addCallback(lambda r: self._finish(request, r)).addErrback(
+            lambda f: self._failed(request, f)
+        )
 
     def _finish(self, request: Request, result: Any) -> None:
-        if request.replied or request.message.request_id == 0:
+        """Answer a handler's result with an Ack (see meshd.handlers)."""
+        if result is not None and not isinstance(result, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a handler returned {type(result).__name__}; return None or bytes")
+        if request.replied or request.message.request_id == 0 or not request.session.is_open:
             return
-        if isinstance(result, (bytes, bytearray, memoryview)):
-            request.reply(Opcode.Ack, payload=bytes(result))
-        else:
-            request.reply(Opcode.Ack)
+        request.reply(Opcode.Ack, payload=bytes(result) if result is not None else None)
 
     def _failed(self, request: Request, failure: Failure) -> None:
         error = failure.value
-        if not isinstance(error, ProtocolError):
+        if not isinstance(error, ProtocolError) or not 0 <= error.code <= 0xFFFF:
             self.log.failure(
                 "Handler for opcode {opcode} failed", failure, opcode=request.message.opcode
             )
             error = ProtocolError(ErrorCode.InternalError, "the node failed to handle this frame")
-        self._refuse(request.session, error, request.message.request_id)
+        if request.session.is_open:
+            self._refuse(request.session, error, request.message.request_id)
 
     def _refuse(self, session: Session, error: ProtocolError, request_id: int) -> None:
         self.metrics.error(error.code)

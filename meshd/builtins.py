@@ -8,7 +8,7 @@ from typing import Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable
+from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable, encode
 from meshd.handlers import Handlers, Request
 from meshd.permissions import PUBLISH, SUBSCRIBE, WATCH
 
@@ -56,19 +56,24 @@ def hello(request: Request) -> Optional[Deferred]:
 
 def _welcome(request: Request, principal: Optional[str]) -> None:
     session, app = request.session, request.app
-    session.principal = principal
-    session.authenticated = principal is not None
-    session.helloed = True
-    app.registry.admit(session)
-    app.hello_done(session)
-    request.reply(
+    if principal is not None and not isinstance(principal, str):
+        raise TypeError(f"the authenticator returned {type(principal).__name__}, not a str principal")
+    welcome = encode(
         Opcode.Welcome,
+        request_id=request.message.request_id,
         session=session.id,
         node=app.node_id,
         version=PROTOCOL_VERSION,
         principal=principal,
         max_message_size=app.config.max_message_size,
     )
+    session.principal = principal
+    session.authenticated = principal is not None
+    session.helloed = True
+    app.registry.admit(session)
+    app.hello_done(session)
+    request.replied = True
+    session.send_frame(welcome)
 
 
 def ping(request: Request) -> None:

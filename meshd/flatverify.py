@@ -150,6 +150,8 @@ def vector(buf: bytes, at: int, what: str, element_size: int, extra: int = 0) ->
 
 def string(buf: bytes, at: int, what: str) -> str:
     start, length = vector(buf, at, what, 1, extra=1)  # strings end with a NUL byte
+    if buf[start + length] != 0:
+        raise Malformed(f"{what} is not NUL-terminated")
     try:
         return buf[start : start + length].decode("utf-8")
     except UnicodeDecodeError:

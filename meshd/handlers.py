@@ -79,7 +79,7 @@ class Handlers:
             raise ValueError(f"opcode {opcode} is outside 1..65535")
         if opcode in SERVER_OPCODES:
             raise ValueError(f"{opcode_name(opcode)} is sent by nodes and cannot be handled")
-        if opcode < Opcode.UserFirst and not replace and opcode not in self._table:
+        if opcode < Opcode.UserFirst and opcode not in self._table:
             raise ValueError(
                 f"opcode {opcode} is reserved for built-ins; user opcodes start at {Opcode.UserFirst}"
             )

@@ -34,10 +34,12 @@ class Session:
     """A connected client: identity, subscriptions, watches, and the way to reach it.
 
     The session registers itself as the streaming producer of its transport,
-    so it learns when the kernel buffer is full.  While paused, what is sent
-    to it is counted; past ``max_backlog`` bytes the client is too slow to
-    keep up, and it is disconnected rather than allowed to grow the node's
-    memory without bound.
+    so it learns when the kernel buffer and Twisted's write buffer are full.
+    From the next reactor turn on, while the transport stays paused, what is
+    sent to it is counted: past ``max_backlog`` bytes the client is too slow
+    to keep up, and it is disconnected rather than allowed to grow the
+    node's memory without bound.  A burst written within one turn is not
+    counted, since the client has had no chance to read any of it yet.
     """
 
     __slots__ = (
@@ -52,7 +54,9 @@ class Session:
         "watching",
         "max_backlog",
         "overflowed",
-        "_paused",
+        "clock",
+        "_counting",
+        "_arming",
         "_backlog",
         "__weakref__",
     )
@@ -60,7 +64,7 @@ class Session:
     log = Logger()
 
     def __init__(self, protocol, peer: str = "", max_backlog: int = 1 << 20,
-                 session_id: Optional[UUID] = None) -> None:
+                 session_id: Optional[UUID] = None, clock=None) -> None:
         self.id: UUID = session_id or uuid4()
         self.protocol = protocol
         self.peer = peer
@@ -72,7 +76,9 @@ class Session:
         self.watching: set[Watchable] = set()
         self.max_backlog = max_backlog
         self.overflowed = False  # closed for falling too far behind
-        self._paused = False
+        self.clock = clock
+        self._counting = False  # the transport has stayed paused past a reactor turn
+        self._arming = None  # the call that starts counting, while it is pending
         self._backlog = 0
 
     def __repr__(self) -> str:
@@ -87,7 +93,7 @@ class Session:
         protocol = self.protocol
         if protocol.state != _OPEN:
             return False
-        if self._paused:
+        if self._counting:
             self._backlog += len(prepared.payloadHybi)
             if self._backlog > self.max_backlog:
                 self.log.warn(
@@ -108,11 +114,22 @@ class Session:
     # IPushProducer, called by the transport as its buffer fills and drains.
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        if self.clock is None:
+            self._start_counting()
+        elif self._arming is None:
+            self._arming = self.clock.callLater(0, self._start_counting)
+
+    def _start_counting(self) -> None:
+        self._arming = None
+        self._counting = True
+        self._backlog = 0
 
     def resumeProducing(self) -> None:
-        self._paused = False
+        if self._arming is not None:
+            self._arming.cancel()
+            self._arming = None
+        self._counting = False
         self._backlog = 0
 
     def stopProducing(self) -> None:
-        self._paused = True
+        self.resumeProducing()

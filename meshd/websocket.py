@@ -45,8 +45,8 @@ class MeshServerProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
-        if session is None:
-            return
+        if session is None or self.state != self.STATE_OPEN:
+            return  # closing: whatever else the client sent is not acted on
         if not isBinary:
             self._log.info("Closing {session}: text message on a binary subprotocol", session=session.id)
             self.sendCloseFrame(

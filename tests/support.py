@@ -216,11 +216,12 @@ class RawClient:
         return self.wait_closed().addErrback(lambda _: self.protocol.transport.abortConnection())
 
 
-async def raw_client(testcase, url: str, protocols=("meshd.v1",), max_frame: int = 0) -> RawClient:
+async def raw_client(testcase, url: str, protocols=("meshd.v1",), max_frame: int = 0,
+                     origin: Optional[str] = None) -> RawClient:
     from autobahn.websocket.util import parse_url
 
     _secure, host, port, *_ = parse_url(url)
-    factory = WebSocketClientFactory(url, protocols=list(protocols))
+    factory = WebSocketClientFactory(url, protocols=list(protocols), origin=origin)
     factory.protocol = _RawProtocol
     factory.opened, factory.closed = Deferred(), Deferred()
     factory.frames, factory.waiters = [], []

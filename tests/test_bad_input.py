@@ -53,10 +53,15 @@ class BadInputTests(NodeTestCase):
         raw, _ = await self.start()
         valid = encode(Opcode.Publish, request_id=5, channel="room", payload=b"x" * 40)
         lying_root = struct.pack("<I", 10_000) + valid[4:]
-        lying_string = bytearray(valid)
-        lying_string[-60:-56] = struct.pack("<I", 0xFFFFFF)
-        got = await self.answers(raw, b"\x00garbage\xff" * 3, valid[: len(valid) // 2], b"", lying_root)
-        self.assert_errors(got, *[(ErrorCode.Malformed, 0)] * 4)
+        at = valid.index(b"room") - 4  # the channel string's length field
+        lying_string = valid[:at] + struct.pack("<I", 0xFFFFFF) + valid[at + 4 :]
+        bad_utf8 = valid.replace(b"room", b"ro\xffm")
+        got = await self.answers(
+            raw, b"\x00garbage\xff" * 3, valid[: len(valid) // 2], b"", lying_root, lying_string, bad_utf8
+        )
+        self.assert_errors(got, *[(ErrorCode.Malformed, 0)] * 6)
+        self.assertIn("length out of bounds", got[4].message)
+        self.assertIn("UTF-8", got[5].message)
         self.assertTrue(all("malformed frame" in f.message for f in got))
         await self.assert_unaffected()
 
@@ -74,6 +79,14 @@ class BadInputTests(NodeTestCase):
         """A text message closes the connection with 1003; nobody else notices."""
         raw, _ = await self.start()
         raw.send(b'{"publish": "room"}', binary=False)
+        self.assertEqual(await raw.wait_closed(), 1003)
+        await self.assert_unaffected()
+
+    async def test_nothing_after_the_close(self) -> None:
+        """Frames that follow a text message on the same connection are not acted on."""
+        raw, _ = await self.start()
+        raw.send(b"text", binary=False)
+        raw.send(encode(Opcode.Publish, channel="room", payload=b"after the close"))
         self.assertEqual(await raw.wait_closed(), 1003)
         await self.assert_unaffected()
 
@@ -185,6 +198,17 @@ class BadInputTests(NodeTestCase):
         with self.assertRaises(ConnectionError):
             await raw_client(self, self.url, protocols=())
         self.assertEqual(self.app.registry.sessions, {})
+
+    async def test_origins_and_connection_limit(self) -> None:
+        """Origins outside allowed_origins and connections past max_connections are refused."""
+        await self.start_node(Config(allowed_origins=("https://app.example.com:443",), max_connections=2))
+        await raw_client(self, self.url, origin="https://app.example.com")
+        with self.assertRaises(ConnectionError):
+            await raw_client(self, self.url, origin="https://evil.example.com")
+        await raw_client(self, self.url)  # no Origin: not a browser
+        with self.assertRaises(ConnectionError):
+            await raw_client(self, self.url)
+        self.assertEqual(len(self.app.registry.sessions), 2)
 
     def _bystander_session(self):
         return self.app.registry.sessions[self.bystander.session_id]

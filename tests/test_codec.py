@@ -117,6 +117,12 @@ class HostileInputTests(unittest.SynchronousTestCase):
             except ProtocolError as e:
                 self.assertEqual(e.code, ErrorCode.Malformed)
 
+    def test_string_without_terminator(self) -> None:
+        """A string whose terminating NUL byte is something else is refused."""
+        frame = bytearray(encode(Opcode.Subscribe, channel="abcd"))
+        frame[frame.index(b"abcd") + 4] = ord("!")
+        self.assertMalformed(bytes(frame), "NUL")
+
     def test_invalid_utf8(self) -> None:
         """A string that is not UTF-8 is refused."""
         frame = bytearray(encode(Opcode.Subscribe, channel="abcd"))

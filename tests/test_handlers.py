@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from meshd.auth import IAuthenticator
 
 from meshd.client import MeshError, connect
 from meshd.codec import ErrorCode, Opcode, ProtocolError, Watchable, encode
@@ -169,6 +172,35 @@ class UserHandlerTests(NodeTestCase):
         self.assertEqual((await c.request(Opcode.UserFirst + 3)).payload, b"done")
         await c.ping()  # the session is still fine
 
+    async def test_coroutines_and_bad_results(self) -> None:
+        """async def handlers run; bad results and bad error codes become InternalError."""
+        app = await self.start_node()
+
+        async def coroutine(request):
+            await sleep(0.01)
+            return b"awaited"
+
+        def returns_text(request):
+            return "not bytes"
+
+        def bad_code(request):
+            raise ProtocolError(70000, "out of range")
+
+        def later_text(request):
+            d = Deferred()
+            app.clock.callLater(0.01, d.callback, "late text")
+            return d
+
+        for offset, handler in enumerate((coroutine, returns_text, bad_code, later_text)):
+            app.handlers.register(3000 + offset, handler)
+        c = await self.client()
+        self.assertEqual((await c.request(3000)).payload, b"awaited")
+        for opcode in (3001, 3002, 3003):
+            e = await self.assertFailure(c.request(opcode), MeshError)
+            self.assertEqual(e.code, ErrorCode.InternalError, opcode)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError, ProtocolError)), 3)
+        await c.ping()
+
     async def test_user_handler_needs_hello(self) -> None:
         """A user opcode before Hello is refused unless registered with requires_hello=False."""
         app = await self.start_node()
@@ -185,6 +217,7 @@ class UserHandlerTests(NodeTestCase):
 
         handlers = Application().handlers
         self.assertRaises(ValueError, handlers.register, 100, lambda r: None)
+        self.assertRaises(ValueError, handlers.register, 500, lambda r: None, replace=True)
         self.assertRaises(ValueError, handlers.register, Opcode.Event, lambda r: None, replace=True)
         self.assertRaises(ValueError, handlers.register, Opcode.Subscribe, lambda r: None)
         self.assertRaises(ValueError, handlers.register, 70000, lambda r: None)
@@ -192,6 +225,93 @@ class UserHandlerTests(NodeTestCase):
         self.assertRaises(ValueError, handlers.register, 1500, lambda r: None)
         handlers.register(1500, lambda r: b"x", replace=True)
         handlers.register(Opcode.Subscribe, lambda r: None, replace=True)
+
+
+class AsyncAuthenticatorTests(NodeTestCase):
+    async def start_with(self, answers: dict) -> list:
+        pending: list[Deferred] = []
+
+        @implementer(IAuthenticator)
+        class Slow:
+            def authenticate(self, token):
+                d = Deferred()
+                pending.append((token, d))
+                return d
+
+        await self.start_node(authenticator=Slow())
+        return pending
+
+    async def test_hello_pending(self) -> None:
+        """While a Hello is being checked, another Hello is refused and requests need the Hello."""
+        pending = await self.start_with({})
+        c = await self.client(hello=False)
+        welcome = c.hello("token")
+        e = await self.assertFailure(c.hello("again"), MeshError)
+        self.assertEqual(e.code, ErrorCode.AlreadyHello)
+        e = await self.assertFailure(c.subscribe("x"), MeshError)
+        self.assertEqual(e.code, ErrorCode.HelloRequired)
+        self.assertEqual(len(pending), 1)
+        pending[0][1].callback("carol")
+        self.assertEqual((await welcome).principal, "carol")
+        await c.subscribe("x")
+
+    async def test_close_while_checking(self) -> None:
+        """A session that leaves during its Hello is never admitted."""
+        pending = await self.start_with({})
+        c = await self.client(hello=False)
+        c.hello("token").addErrback(lambda _: None)
+        await c.ping()
+        await c.close()
+        pending[0][1].callback("dave")
+        self.assertEqual((self.app.registry.sessions, self.app.registry.members), ({}, set()))
+
+    async def test_bad_principal(self) -> None:
+        """An authenticator that answers with a non-string is an InternalError; the session is not admitted."""
+        pending = await self.start_with({})
+        c = await self.client(hello=False)
+        welcome = c.hello("token")
+        await c.ping()
+        pending[0][1].callback(42)
+        e = await self.assertFailure(welcome, MeshError)
+        self.assertEqual(e.code, ErrorCode.InternalError)
+        self.flushLoggedErrors(TypeError)
+        self.assertEqual(self.app.registry.members, set())
+        second = c.hello("token")
+        await c.ping()
+        pending[1][1].callback("erin")
+        self.assertEqual((await second).principal, "erin")
+
+
+class IdempotenceTests(NodeTestCase):
+    async def test_unsubscribe_and_unwatch_what_is_not_held(self) -> None:
+        """Unsubscribe and Unwatch of something not held are acknowledged; Pong keeps an absent payload absent."""
+        await self.start_node()
+        c = await self.client()
+        self.assertEqual((await c.unsubscribe("never")).opcode, Opcode.Ack)
+        self.assertEqual((await c.unwatch("k", "never")).opcode, Opcode.Ack)
+        self.assertIsNone((await c.request(Opcode.Ping)).payload)
+
+
+class BurstTests(NodeTestCase):
+    async def test_burst_to_a_reading_client(self) -> None:
+        """A burst larger than max_send_buffer in one reactor turn does not close a client that reads."""
+        app = await self.start_node()
+
+        def burst(request):
+            for i in range(30):
+                request.state.clients.broadcast_to_channel(None, "big", bytes([i]) * 50_000)
+
+        app.handlers.register(4000, burst)
+        reader, trigger = await self.client(), await self.client()
+        await reader.subscribe("big")
+        await trigger.request(4000)
+        for _ in range(200):
+            if len(reader.received) == 30:
+                break
+            await sleep(0.02)
+        self.assertEqual([e.payload[0] for e in reader.received], list(range(30)))
+        self.assertIsNone(reader.closed_reason)
+        self.assertEqual(app.metrics.slow_consumer_closes, 0)
 
 
 class CleanupTests(NodeTestCase):

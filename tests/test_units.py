@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from meshd.auth import DevelopmentAuthenticator, TokenAuthenticator
@@ -85,22 +86,30 @@ class SlowConsumerTests(unittest.SynchronousTestCase):
     def test_backlog_limit(self) -> None:
         """While the transport is paused, past max_backlog bytes the session is closed with 4002."""
         ws = FakeWebSocket()
-        session = Session(ws, max_backlog=1000)
+        clock = Clock()
+        session = Session(ws, max_backlog=1000, clock=clock)
         message = prepare(b"x" * 300)
         session.pauseProducing()
+        for _ in range(20):  # one turn's burst: the client had no chance to read it
+            self.assertTrue(session.send(message))
+        clock.advance(0)
+        ws.sent.clear()
         self.assertTrue(all(session.send(message) for _ in range(3)))
         self.assertFalse(session.send(message))
         self.assertEqual(ws.closed_with, CLOSE_SLOW_CONSUMER)
         self.assertFalse(session.send(message), "nothing is sent once closing")
         self.assertEqual(len(ws.sent), 3)
+        self.assertTrue(session.overflowed)
 
     def test_resume_resets(self) -> None:
         """A transport that drains resets the count."""
         ws = FakeWebSocket()
-        session = Session(ws, max_backlog=1000)
+        clock = Clock()
+        session = Session(ws, max_backlog=1000, clock=clock)
         message = prepare(b"x" * 300)
         for _ in range(10):
             session.pauseProducing()
+            clock.advance(0)
             session.send(message)
             session.send(message)
             session.resumeProducing()

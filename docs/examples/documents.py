@@ -16,7 +16,10 @@ What it shows:
   payload or a :class:`meshd.ProtocolError`;
 - ``state.notify_event``: only the watchers of a document hear about it;
 - ``state.distribute_event``: a node-wide event to the ``documents.stats``
-  channel, sent from a service that starts and stops with the node.
+  channel, sent from a service that starts and stops with the node;
+- checking permissions and bounding memory in a handler: writing a document
+  needs the ``publish`` grant on ``document/ID`` (in development mode
+  everything is granted), and the store holds a bounded number of documents.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from meshd import Application, ErrorCode, EventType, Opcode, ProtocolError, Requ
 PUT = Opcode.UserFirst  # 1024: store the payload as the watchable's document
 GET = Opcode.UserFirst + 1  # 1025: answer with the stored document
 STATS_CHANNEL = "documents.stats"
+MAX_DOCUMENTS = 10_000
 
 
 class DocumentStore:
@@ -45,6 +49,11 @@ class DocumentStore:
 
     def put(self, request: Request) -> bytes:
         key = self._key(request)
+        session = request.session
+        if not self.app.policy.allows("publish", f"{key[0]}/{key[1]}", session.authenticated):
+            raise ProtocolError(ErrorCode.PermissionDenied, f"may not write {key[0]}/{key[1]}")
+        if key not in self.documents and len(self.documents) >= MAX_DOCUMENTS:
+            raise ProtocolError(ErrorCode.InvalidArgument, "the store is full")
         body = request.message.payload or b""
         self.documents[key] = body
         # Tell everyone watching this document, except the writer.
