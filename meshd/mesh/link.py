@@ -63,6 +63,7 @@ class Link(Protocol):
         self.remote: Optional[LinkHello] = None
         self.hello_sent = False
         self.closing = False
+        self.farewell: Optional[Goodbye] = None  # the peer's Goodbye, if it said one
         #: Fires when a dialed link opens, fails if it closes first (see LinkEndpoint).
         self.opened: Deferred[Link] = Deferred()
         self._deframer = Deframer(mesh.settings.max_frame_size)
@@ -134,9 +135,7 @@ class Link(Protocol):
         elif isinstance(message, Peers):
             self.mesh.learn(message.peers)
         elif isinstance(message, Goodbye):
-            self.log.info(
-                "{link} said goodbye ({code}): {reason}", link=self, code=message.code, reason=message.reason
-            )
+            self.farewell = message
             self.closing = True
             self.transport.loseConnection()
         else:

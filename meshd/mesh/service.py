@@ -252,7 +252,13 @@ class Mesh(MultiService):
         if peer is None or peer.link is not link:
             return
         peer.link = None
-        self.log.warn("Lost the link with {node}: {reason}", node=peer.node, reason=_describe(reason))
+        farewell = link.farewell
+        if farewell is not None and farewell.code == GoodbyeCode.Shutdown:
+            self.log.info("Node {node} is shutting down", node=peer.node)
+        elif farewell is not None:
+            self.log.warn("Node {node} closed the link: {reason}", node=peer.node, reason=farewell.reason)
+        else:
+            self.log.warn("Lost the link with {node}: {reason}", node=peer.node, reason=_describe(reason))
         if peer.address and self.running:
             self.dial(peer.address)
 
