@@ -104,7 +104,11 @@ class Session:
                 self.overflowed = True
                 protocol.sendClose(CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full")
                 return False
-        protocol.sendPreparedMessage(prepared)
+        # The frame's bytes, straight to the transport: what
+        # sendPreparedMessage would do for an uncompressed connection, without
+        # its per-call logging and statistics.  The node never negotiates
+        # compression and never uses Autobahn's send queue.
+        protocol.transport.write(prepared.payloadHybi)
         return True
 
     def send_frame(self, frame: bytes) -> bool:

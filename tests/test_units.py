@@ -6,6 +6,7 @@ import hashlib
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from meshd.auth import DevelopmentAuthenticator, TokenAuthenticator
@@ -20,11 +21,20 @@ class FakeWebSocket:
 
     def __init__(self) -> None:
         self.state = WebSocketProtocol.STATE_OPEN
-        self.sent: list[bytes] = []
+        self.transport = StringTransport()
         self.closed_with = None
 
-    def sendPreparedMessage(self, prepared) -> None:
-        self.sent.append(prepared.payloadHybi)
+    @property
+    def sent(self) -> list[bytes]:
+        """The frames written, split at their 2-byte headers (test frames are short)."""
+        data, frames = self.transport.value(), []
+        while data:
+            length = data[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(data[2:4], "big") + 2
+            frames.append(data[: 2 + length])
+            data = data[2 + length :]
+        return frames
 
     def sendClose(self, code, reason) -> None:
         self.closed_with = code
@@ -93,7 +103,7 @@ class SlowConsumerTests(unittest.SynchronousTestCase):
         for _ in range(20):  # one turn's burst: the client had no chance to read it
             self.assertTrue(session.send(message))
         clock.advance(0)
-        ws.sent.clear()
+        ws.transport.clear()
         self.assertTrue(all(session.send(message) for _ in range(3)))
         self.assertFalse(session.send(message))
         self.assertEqual(ws.closed_with, CLOSE_SLOW_CONSUMER)

@@ -1,0 +1,240 @@
+"""The load generator: its own process, with a minimal WebSocket client (wsraw).
+
+It opens subscriber connections, then publishes 128-byte payloads carrying a
+sequence number and a send timestamp, keeping a bounded window of messages
+in flight (a message is done when every subscriber that should get it has),
+or at a fixed rate.  It prints one JSON object of results on its last line.
+
+    python bench/loadgen.py --target meshd|relay --port P [options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import struct
+import sys
+import time
+from array import array
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from wsraw import RawWebSocket  # noqa: E402
+
+from meshd.codec import Opcode, decode, encode  # noqa: E402
+
+MAGIC = b"MSHB"
+_HEAD = struct.Struct("<4sQQ")  # magic, seq, send time (monotonic ns)
+
+
+def payload_for(seq: int, size: int) -> bytes:
+    head = _HEAD.pack(MAGIC, seq, time.monotonic_ns())
+    return head + b"." * max(0, size - len(head))
+
+
+class Run:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.meshd = args.target == "meshd"
+        self.subscribers: list[RawWebSocket] = []
+        self.per_channel = args.subscribers // args.channels
+        self.remaining: dict[int, int] = {}
+        self.seq = 0
+        self.measuring = False
+        self.stopping = False
+        self.deliveries = 0
+        self.measured = 0
+        self.latencies = array("d")
+        self.sent = 0
+        self.sent_measured = 0
+        self.expected = 0
+        self.received_total = 0
+        self.duplicates = 0
+        self._started = None
+        self._paced_count = 0
+
+    # -- connections -----------------------------------------------------------------
+
+    async def connect(self, on_message=None, port: int = 0) -> RawWebSocket:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.args.port, timeout=30)
+        proto = await endpoint.connect(Factory.forProtocol(
+            lambda: RawWebSocket(subprotocol="meshd.v1", on_message=on_message)))
+        await proto.opened
+        return proto
+
+    async def meshd_request(self, ws: RawWebSocket, frame: bytes) -> None:
+        """Send one request and wait for its answer (the only traffic then)."""
+        answered = Deferred()
+        previous = ws.on_message
+        ws.on_message = lambda data: answered.called or answered.callback(data)
+        ws.send(frame)
+        data = await answered
+        ws.on_message = previous
+        message = decode(data)
+        if message.opcode == Opcode.Error:
+            raise RuntimeError(f"node refused: {message.message}")
+
+    async def subscriber(self, index: int) -> RawWebSocket:
+        ws = await self.connect()
+        if self.meshd:
+            await self.meshd_request(ws, encode(Opcode.Hello, request_id=1, version=1, **self.hello_extra()))
+            await self.meshd_request(ws, encode(Opcode.Subscribe, request_id=2, channel=self.channel(index)))
+        ws.on_message = self.received
+        return ws
+
+    def hello_extra(self) -> dict:
+        return {"batch": True} if self.args.batch else {}
+
+    def channel(self, index: int) -> str:
+        return f"bench.{index % self.args.channels}"
+
+    async def setup(self) -> None:
+        batch = 200
+        for start in range(0, self.args.subscribers, batch):
+            stop = min(start + batch, self.args.subscribers)
+            self.subscribers += await gatherResults(
+                [ensureDeferred(self.subscriber(i)) for i in range(start, stop)]
+            )
+        self.publisher = await self.connect(on_message=lambda data: None, port=self.args.publish_port)
+        if self.meshd:
+            await self.meshd_request(self.publisher, encode(Opcode.Hello, request_id=1, version=1))
+
+    # -- traffic ---------------------------------------------------------------------
+
+    def publish(self) -> None:
+        self.seq += 1
+        seq = self.seq
+        channel_index = seq % self.args.channels
+        data = payload_for(seq, self.args.payload)
+        if self.meshd:
+            frame = encode(Opcode.Publish, channel=f"bench.{channel_index}", payload=data)
+        else:
+            frame = data
+        self.remaining[seq] = self.per_channel
+        self.sent += 1
+        if self.measuring:
+            self.sent_measured += 1
+            self.expected += self.per_channel
+        self.publisher.send(frame)
+
+    def received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        at = data.find(MAGIC)
+        while at >= 0:
+            _magic, seq, sent_at = _HEAD.unpack_from(data, at)
+            self.received_total += 1
+            left = self.remaining.get(seq)
+            if left is None:
+                self.duplicates += 1
+            else:
+                if self.measuring:
+                    self.measured += 1
+                    self.latencies.append((now - sent_at) / 1000.0)
+                if left <= 1:
+                    del self.remaining[seq]
+                    if self.args.rate == 0 and not self.stopping:
+                        self.publish()
+                else:
+                    self.remaining[seq] = left - 1
+            at = data.find(MAGIC, at + _HEAD.size)
+
+    async def run(self) -> dict:
+        await self.setup()
+        print("READY", flush=True)
+        if self.args.idle:
+            await task.deferLater(reactor, self.args.duration, lambda: None)
+            return {"connections": len(self.subscribers)}
+        if self.args.rate:
+            pacer = task.LoopingCall(self._paced)
+            pacer.start(0.001)
+        else:
+            for _ in range(self.args.window):
+                self.publish()
+        await task.deferLater(reactor, self.args.warmup, lambda: None)
+        cpu0, t0 = self.cpu(), time.monotonic()
+        self.measuring = True
+        print("MEASURING", flush=True)
+        await task.deferLater(reactor, self.args.duration, lambda: None)
+        self.measuring = False
+        elapsed, cpu = time.monotonic() - t0, self.cpu() - cpu0
+        print("MEASURED", flush=True)
+        self.stopping = True
+        if self.args.rate:
+            pacer.stop()
+        # Let in-flight messages land, then count what never came.
+        for _ in range(100):
+            if not self.remaining:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        lost = sum(self.remaining.values())
+        lat = sorted(self.latencies)
+        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+        return {
+            "deliveries": self.measured,
+            "seconds": elapsed,
+            "rate": self.measured / elapsed,
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+            "lost": lost,
+            "duplicates": self.duplicates,
+            "published": self.sent,
+            "loadgen_cpu": cpu / elapsed,
+        }
+
+    def _paced(self) -> None:
+        """Publish what is due at --rate messages per second since the start."""
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        due = int((now - self._started) * self.args.rate) - self._paced_count
+        for _ in range(due):
+            self._paced_count += 1
+            self.publish()
+
+    @staticmethod
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", choices=["meshd", "relay"], required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--subscribers", type=int, default=100)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--rate", type=float, default=0, help="messages/s instead of a window")
+    p.add_argument("--payload", type=int, default=128)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--batch", action="store_true", help="ask meshd for batched frames")
+    p.add_argument("--publish-port", type=int, default=0, help="publish through another node")
+    p.add_argument("--idle", action="store_true", help="connect, hold for --duration, publish nothing")
+    args = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result = {}
+
+    async def go():
+        result.update(await Run(args).run())
+
+    def done(_):
+        print(json.dumps(result), flush=True)
+        reactor.stop()
+
+    def failed(f):
+        print(json.dumps({"error": str(f.value)}), flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: ensureDeferred(go()).addCallbacks(done, failed))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Run every benchmark scenario and write a Markdown table.
+
+    python bench/run.py [--quick] [--only NAME ...] [--out bench/results/latest.md]
+
+Each scenario starts its server (the raw relay or a meshd node) and the load
+generator as separate processes on loopback, measures deliveries per second,
+latency, losses, and the CPU and memory of both, and stops them.  Figures
+are compared with the relay measured in the same run, since the machine is
+shared and noisy.  Every run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+class Server:
+    """A relay or a meshd node in its own process."""
+
+    def __init__(self, kind: str, port: int, workdir: Path, config: Optional[str] = None) -> None:
+        self.kind, self.port = kind, port
+        log = open(workdir / f"{kind}-{port}.log", "w")
+        if kind == "relay":
+            argv = [sys.executable, str(HERE / "relay.py"), str(port)]
+        elif config:
+            path = workdir / f"node-{port}.toml"
+            path.write_text(config)
+            argv = [str(BIN / "twistd"), "-n", "--pidfile=", "meshd", "--config", str(path)]
+        else:
+            argv = [str(BIN / "twistd"), "-n", "--pidfile=", "meshd", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        self.proc = subprocess.Popen(argv, env=env(), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{kind} did not start on {port}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Result:
+    name: str
+    server: str
+    figures: dict = field(default_factory=dict)
+
+
+def load(port: int, target: str, extra: list[str], servers: list[Server], timeout: float = 300) -> dict:
+    """Run the load generator; sample the servers' CPU over its measuring window."""
+    argv = [sys.executable, str(HERE / "loadgen.py"), "--target", target, "--port", str(port), *extra]
+    gen = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu_start = {}
+    t0 = None
+    out = {}
+    deadline = time.monotonic() + timeout
+    for line in gen.stdout:
+        line = line.strip()
+        if line == "MEASURING":
+            t0 = time.monotonic()
+            cpu_start = {s.proc.pid: proc_cpu(s.proc.pid) for s in servers}
+        elif line == "MEASURED" and t0 is not None:
+            elapsed = time.monotonic() - t0
+            out["server_cpu"] = {s.kind + str(s.port): (proc_cpu(s.proc.pid) - cpu_start[s.proc.pid]) / elapsed
+                                 for s in servers}
+            out["server_rss_mib"] = {s.kind + str(s.port): proc_rss_kib(s.proc.pid) / 1024 for s in servers}
+        elif line.startswith("{"):
+            out.update(json.loads(line))
+        if time.monotonic() > deadline:
+            gen.kill()
+            raise RuntimeError("load generator timed out")
+    gen.wait()
+    if "error" in out or gen.returncode:
+        raise RuntimeError(f"load generator failed: {out.get('error')} {gen.stderr.read()[-2000:]}")
+    return out
+
+
+def fanout(name: str, kind: str, subscribers: int, workdir: Path, duration: float, extra=()) -> Result:
+    port = free_port()
+    server = Server(kind, port, workdir)
+    try:
+        figures = load(port, kind, ["--subscribers", str(subscribers), "--duration", str(duration), *extra], [server])
+    finally:
+        server.stop()
+    return Result(name, kind, figures)
+
+
+def idle(name: str, kind: str, connections: int, workdir: Path) -> Result:
+    port = free_port()
+    server = Server(kind, port, workdir)
+    try:
+        time.sleep(1.0)
+        before = proc_rss_kib(server.proc.pid)
+        argv = [sys.executable, str(HERE / "loadgen.py"), "--target", kind, "--port", str(port), "--idle",
+                "--subscribers", str(connections), "--channels", str(connections), "--duration", "600"]
+        gen = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, text=True)
+        try:
+            for line in gen.stdout:
+                if line.strip() == "READY":
+                    break
+            time.sleep(2.0)
+            after = proc_rss_kib(server.proc.pid)
+        finally:
+            gen.kill()
+            gen.wait()
+    finally:
+        server.stop()
+    return Result(name, kind, {"connections": connections, "rss_before_mib": before / 1024,
+                               "rss_after_mib": after / 1024, "kib_per_connection": (after - before) / connections})
+
+
+def mesh_latency(name: str, workdir: Path, rate: float, duration: float) -> list[Result]:
+    """Median latency of the same delivery on one node, and from node A to subscribers on node B."""
+    from meshd.mesh.certs import create_ca, issue_node
+
+    certs = workdir / "certs"
+    create_ca(certs, "bench")
+    for n in ("a", "b"):
+        issue_node(certs, n, ["127.0.0.1"])
+    ws = {n: free_port() for n in "ab"}
+    mesh = {n: free_port() for n in "ab"}
+
+    def config(n: str, seeds: list[str]) -> str:
+        return f"""
+[websocket]
+listen = ["tcp:{ws[n]}:interface=127.0.0.1"]
+[[rules]]
+match = "*"
+anonymous = ["subscribe", "publish", "watch"]
+[mesh]
+cluster = "bench"
+listen = "tcp:{mesh[n]}:interface=127.0.0.1"
+seeds = {json.dumps(seeds)}
+ca = "{certs / 'ca.pem'}"
+cert = "{certs / (n + '.pem')}"
+key = "{certs / (n + '.key')}"
+"""
+
+    a = Server("meshd", ws["a"], workdir, config("a", []))
+    b = Server("meshd", ws["b"], workdir, config("b", [f"127.0.0.1:{mesh['a']}"]))
+    results = []
+    try:
+        time.sleep(2.0)  # link
+        common = ["--subscribers", "10", "--rate", str(rate), "--duration", str(duration)]
+        local = load(ws["a"], "meshd", common, [a, b])
+        results.append(Result(f"{name}: same node", "meshd", local))
+        cross = load(ws["b"], "meshd", [*common, "--publish-port", str(ws["a"])], [a, b])
+        results.append(Result(f"{name}: A to B", "meshd", cross))
+    finally:
+        a.stop()
+        b.stop()
+    return results
+
+
+def table(results: list[Result], baselines: dict) -> str:
+    rows = ["| scenario | server | deliveries/s | vs relay | p50 ms | p99 ms | lost | server CPU | loadgen CPU | server RSS MiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        f = r.figures
+        if "kib_per_connection" in f:
+            continue
+        base = baselines.get(r.name.split(" @ ")[-1])
+        ratio = f"{f['rate'] / base:.2f}x" if base else ""
+        cpu = ", ".join(f"{v:.0%}" for v in f.get("server_cpu", {}).values())
+        rss = ", ".join(f"{v:.0f}" for v in f.get("server_rss_mib", {}).values())
+        rows.append(f"| {r.name} | {r.server} | {f['rate']:,.0f} | {ratio} | {f['p50_us'] / 1000:.2f} | "
+                    f"{f['p99_us'] / 1000:.2f} | {f['lost']} | {cpu} | {f['loadgen_cpu']:.0%} | {rss} |")
+    idle_rows = [r for r in results if "kib_per_connection" in r.figures]
+    if idle_rows:
+        rows += ["", "| idle scenario | server | connections | RSS before MiB | RSS after MiB | KiB per connection |",
+                 "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in idle_rows:
+            f = r.figures
+            rows.append(f"| {r.name} | {r.server} | {f['connections']} | {f['rss_before_mib']:.1f} | "
+                        f"{f['rss_after_mib']:.1f} | {f['kib_per_connection']:.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    p.add_argument("--only", nargs="*", help="scenario groups: fanout, channels, idle, mesh")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "latest.md")
+    args = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    duration = 2.0 if args.quick else 5.0
+    groups = set(args.only or ["fanout", "channels", "idle", "mesh"])
+    results: list[Result] = []
+    baselines: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "fanout" in groups or "channels" in groups:
+            for s in (100, 1000):
+                r = fanout(f"relay @ S={s}", "relay", s, work, duration)
+                baselines[f"S={s}"] = r.figures["rate"]
+                results.append(r)
+                if "fanout" in groups:
+                    results.append(fanout(f"meshd fan-out @ S={s}", "meshd", s, work, duration))
+        if "channels" in groups:
+            results.append(fanout("meshd 1,000 channels x 10 @ S=1000", "meshd", 10_000, work, duration,
+                                  ["--channels", "1000", "--window", "1000"]))
+        if "idle" in groups:
+            n = 1000 if args.quick else 5000
+            results.append(idle(f"relay, {n} idle", "relay", n, work))
+            results.append(idle(f"meshd, {n} idle subscribed", "meshd", n, work))
+        if "mesh" in groups:
+            results += mesh_latency("10,000 msg/s to 10 subscribers", work, 10_000, duration)
+    header = (f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
+              f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
+    text = header + table(results, baselines)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    (args.out.with_suffix(".json")).write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

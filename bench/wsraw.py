@@ -1,0 +1,116 @@
+"""A minimal WebSocket client for the load generator: as little Python per message as possible.
+
+Autobahn's client spends tens of microseconds per received message; a load
+generator built on it would measure itself.  This client does the opening
+handshake, then only splits the incoming stream into messages (server
+frames are never masked) and hands each payload to a callback.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+
+
+def mask(payload: bytes) -> bytes:
+    """A masked, final, binary client frame carrying ``payload``."""
+    key = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        header = bytes([0x82, 0x80 | n])
+    elif n < 65536:
+        header = bytes([0x82, 0x80 | 126]) + _U16.pack(n)
+    else:
+        header = bytes([0x82, 0x80 | 127]) + _U64.pack(n)
+    repeated = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big") if n else b""
+    return header + key + masked
+
+
+class RawWebSocket(Protocol):
+    """Call ``on_message(payload)`` for each message; ``opened`` fires after the handshake."""
+
+    def __init__(self, path: str = "/", subprotocol: Optional[str] = None,
+                 on_message: Optional[Callable[[bytes], None]] = None) -> None:
+        self.path = path
+        self.subprotocol = subprotocol
+        self.on_message = on_message or (lambda payload: None)
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self._buffer = b""
+        self._open = False
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        key = base64.b64encode(os.urandom(16)).decode()
+        host = self.transport.getPeer()
+        lines = [
+            f"GET {self.path} HTTP/1.1",
+            f"Host: {host.host}:{host.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if self.subprotocol:
+            lines.append(f"Sec-WebSocket-Protocol: {self.subprotocol}")
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def send(self, payload: bytes) -> None:
+        self.transport.write(mask(payload))
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        if not self._open:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self._buffer = buffer
+                return
+            status = buffer[: buffer.find(b"\r\n")]
+            if b" 101 " not in status:
+                self.transport.loseConnection()
+                self.opened.errback(ConnectionError(status.decode(errors="replace")))
+                return
+            self._open = True
+            buffer = buffer[end + 4 :]
+            self.opened.callback(self)
+        on_message = self.on_message
+        at, n = 0, len(buffer)
+        while n - at >= 2:
+            length = buffer[at + 1] & 0x7F
+            start = at + 2
+            if length == 126:
+                if n - at < 4:
+                    break
+                length = _U16.unpack_from(buffer, start)[0]
+                start += 2
+            elif length == 127:
+                if n - at < 10:
+                    break
+                length = _U64.unpack_from(buffer, start)[0]
+                start += 8
+            end = start + length
+            if end > n:
+                break
+            opcode = buffer[at] & 0x0F
+            if opcode == 0x2:
+                on_message(buffer[start:end])
+            elif opcode == 0x9:  # ping: answer
+                self.transport.write(bytes([0x8A, 0x80]) + b"\0\0\0\0")
+            elif opcode == 0x8:
+                self.transport.loseConnection()
+            at = end
+        self._buffer = buffer[at:]
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError("closed during the handshake"))
+        self.closed.callback(None)
