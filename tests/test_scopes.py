@@ -204,7 +204,7 @@ class EncodeOnceTests(NodeTestCase):
         for c in clients:
             await c.subscribe("fan")
         calls = {"encode": 0, "prepare": 0}
-        real_encode, real_prepare = state_module.encode, state_module.prepare
+        real_encode, real_prepare = state_module.encode_event, state_module.prepare
 
         def counting_encode(*args, **kwargs):
             calls["encode"] += 1
@@ -214,7 +214,7 @@ class EncodeOnceTests(NodeTestCase):
             calls["prepare"] += 1
             return real_prepare(frame)
 
-        self.patch(state_module, "encode", counting_encode)
+        self.patch(state_module, "encode_event", counting_encode)
         self.patch(state_module, "prepare", counting_prepare)
         sent = self.app.state.clients.broadcast_to_channel(None, "fan", b"once")
         await self.settle(*clients)
