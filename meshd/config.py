@@ -49,6 +49,7 @@ class MeshSettings:
     max_frame_size: int = 1 << 20
     forward_watchers: bool = False
     reconnect_max_delay: float = 5.0
+    forget_after: float = 600.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -289,6 +290,7 @@ _MESH_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_frame_size": _int(4096),
     "forward_watchers": _flag,
     "reconnect_max_delay": _positive_seconds,
+    "forget_after": _positive_seconds,
 }
 
 

@@ -56,6 +56,13 @@ class MeshServerProtocol(WebSocketServerProtocol):
             return
         self.factory.app.dispatch(session, payload)
 
+    def dropConnection(self, abort: bool = False) -> None:
+        # The session is this transport's producer; TLS transports only shut
+        # down once no producer is registered.
+        if self.session is not None and self.transport is not None:
+            self.transport.unregisterProducer()
+        super().dropConnection(abort)
+
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         session, self.session = self.session, None
         if session is not None:

@@ -166,9 +166,34 @@ class OutageTests(MeshTestCase):
         await sub.subscribe("c")
         await self.interest_settled([a, b], "c", [b])
         pub = await self.client_of(a)
-        await b.app.stopService()  # b goes away; a keeps its queue for b
+        await b.app.mesh.stopService()  # b's links go away; a queues for b
         await self.wait_for(lambda: a.links() == 0, "link down")
         for i in range(100):
             await pub.publish("c", b"x" * 500)
-        self.assertGreater(a.app.metrics.mesh_queue_dropped, 0)
+        dropped = a.app.metrics.mesh_queue_dropped
+        self.assertGreater(dropped, 0)
         self.assertLessEqual(a.mesh.peers[b.app.node_id].outbox.size, 20_000)
+        await pub.publish("c", b"kept")
+        b.app.mesh.startService()
+        await self.wait_for(lambda: a.links() == 1, "link back")
+        kept = 100 - dropped + 1
+        await self.wait_for(lambda: len(sub.received) == kept, f"the {kept} frames kept")
+        await sleep(0.2)
+        self.assertEqual(len(sub.received), kept)
+        self.assertEqual(payloads(sub.received)[-1], b"kept")
+
+    async def test_queue_expires(self) -> None:
+        """Frames waiting longer than queue_max_seconds are dropped and counted."""
+        a, b = await self.cluster_of(2, queue_max_seconds=0.5)
+        sub = await self.client_of(b)
+        await sub.subscribe("c")
+        await self.interest_settled([a, b], "c", [b])
+        await b.app.mesh.stopService()
+        await self.wait_for(lambda: a.links() == 0, "link down")
+        pub = await self.client_of(a)
+        await pub.publish("c", b"stale")
+        await self.wait_for(lambda: a.app.metrics.mesh_queue_dropped == 1, "expiry", timeout=5)
+        b.app.mesh.startService()
+        await self.wait_for(lambda: a.links() == 1, "link back")
+        await pub.publish("c", b"fresh")
+        await self.wait_for(lambda: payloads(sub.received) == [b"fresh"], "only the fresh frame")

@@ -91,18 +91,33 @@ class OutboxTests(unittest.SynchronousTestCase):
         """Acknowledged frames go; the rest replay in order from a cursor."""
         box = Outbox(max_bytes=1000, max_age=10)
         for seq in range(1, 6):
-            self.assertEqual(box.append(seq, b"%d" % seq, now=0), 0)
+            box.append(seq, b"%d" % seq, now=0)
         box.ack(2)
         self.assertEqual(list(box.after(3)), [b"4", b"5"])
         self.assertEqual(list(box.after(0)), [b"3", b"4", b"5"])
         self.assertEqual((len(box), box.size), (3, 3))
 
-    def test_bounds(self) -> None:
-        """Past max_bytes or max_age everything is dropped and counted."""
+    def test_bounds_while_down(self) -> None:
+        """Past max_age everything waiting is dropped and counted; clear() drops past max_bytes."""
         box = Outbox(max_bytes=10, max_age=5)
-        self.assertEqual(box.append(1, b"x" * 6, now=0), 0)
-        self.assertEqual(box.append(2, b"x" * 6, now=0), 2)
+        box.append(1, b"x" * 6, now=0)
+        self.assertFalse(box.over)
+        box.append(2, b"x" * 6, now=0)
+        self.assertTrue(box.over)
+        self.assertEqual(box.clear(), 2)
         self.assertEqual((len(box), box.size), (0, 0))
         box.append(3, b"y", now=10)
         self.assertEqual(box.expire(now=14), 0)
         self.assertEqual(box.expire(now=16), 1)
+
+    def test_trim_while_up(self) -> None:
+        """Written frames are trimmed to the bound and count as lost only if not acknowledged."""
+        box = Outbox(max_bytes=10, max_age=5)
+        for seq in range(1, 5):
+            box.append(seq, b"x" * 4, now=0)
+        box.trim()
+        self.assertEqual((len(box), box.size), (2, 8))
+        self.assertEqual(box.lost_before(1), 2, "a peer that read only seq 1 missed 2 and 3")
+        self.assertEqual(box.lost_before(3), 0)
+        box.ack(3)
+        self.assertEqual(box.lost_before(0), 0, "acknowledged: nothing was lost")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh_certs -*-
+# -*- test-case-name: tests.test_mesh_security -*-
 """A cluster certificate authority and node certificates, for ``meshctl certs``.
 
 Every node of a cluster presents a certificate signed by the cluster CA and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh_links -*-
+# -*- test-case-name: tests.test_mesh -*-
 """One link between two nodes: framing, handshake, heartbeats, and its lifecycle.
 
 The lifecycle is a state machine (Automat)::
@@ -17,11 +17,13 @@ alive and carry acknowledgements; a link that hears nothing for
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import TYPE_CHECKING, Optional
 
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -47,10 +49,12 @@ from meshd.mesh.wire import (
 if TYPE_CHECKING:
     from meshd.mesh.service import Mesh, PeerState
 
-#: Send an acknowledgement at least every this many routed frames received.
+#: Send an acknowledgement at least every this many routed frames or bytes received.
 ACK_EVERY = 512
+ACK_EVERY_BYTES = 256 * 1024
 
 
+@implementer(IPushProducer)
 class Link(Protocol):
     log = Logger()
     _machine = MethodicalMachine()
@@ -69,7 +73,13 @@ class Link(Protocol):
         self._deframer = Deframer(mesh.settings.max_frame_size)
         self._last_received = self._last_sent = mesh.clock.seconds()
         self._unacked = 0
+        self._unacked_bytes = 0
         self._ticker: Optional[LoopingCall] = None
+        #: Random per dialed link; both ends use the dialer's to break ties.
+        self.nonce = random.getrandbits(63) + 1 if dialed else 0
+        self._counting = False  # the transport's buffer has stayed full past a reactor turn
+        self._arming = None
+        self._paused_bytes = 0  # written since then
         #: What a ClientService sees of this link once it opened (LinkEndpoint).
         self.handle: Optional[Protocol] = None
 
@@ -118,14 +128,20 @@ class Link(Protocol):
 
     @_machine.output()
     def _before_hello(self, message) -> None:
-        self.violation(f"{type(message).__name__} before LinkHello")
+        if isinstance(message, Goodbye):  # the other side refused this link, and says why
+            self.farewell = message
+            self._close()
+            self.mesh.refused_by_peer(self, message)
+        else:
+            self.violation(f"{type(message).__name__} before LinkHello")
 
     @_machine.output()
     def _handle(self, message) -> None:
         if isinstance(message, Routed):
             self.mesh.routed_received(self, message)
             self._unacked += 1
-            if self._unacked >= ACK_EVERY:
+            self._unacked_bytes += len(message.frame)
+            if self._unacked >= ACK_EVERY or self._unacked_bytes >= ACK_EVERY_BYTES:
                 self.send_heartbeat()
         elif isinstance(message, Heartbeat):
             if self.peer is not None:
@@ -136,8 +152,7 @@ class Link(Protocol):
             self.mesh.learn(message.peers)
         elif isinstance(message, Goodbye):
             self.farewell = message
-            self.closing = True
-            self.transport.loseConnection()
+            self._close()
         else:
             self.violation(f"unexpected {type(message).__name__}")
 
@@ -172,6 +187,8 @@ class Link(Protocol):
     # -- Twisted ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.mesh.links.add(self)
+        self.transport.registerProducer(self, True)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self.mesh.clock
         self._ticker.start(self.mesh.settings.heartbeat_interval, now=False)
@@ -207,6 +224,7 @@ class Link(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        self.mesh.links.discard(self)
         self._lost(reason)
         if self.handle is not None:
             self.handle.connectionLost(reason)
@@ -214,20 +232,62 @@ class Link(Protocol):
     # -- sending ------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Write an already framed frame."""
-        if not self.closing:
-            self.transport.write(data)
-            self._last_sent = self.mesh.clock.seconds()
+        """Write an already framed frame; close a peer that stopped reading."""
+        if self.closing:
+            return
+        if self._counting:
+            self._paused_bytes += len(data)
+            if self._paused_bytes > self.mesh.settings.queue_max_bytes:
+                self.log.warn("{link}: the peer does not read; closing", link=self)
+                self.closing = True  # no Goodbye: it would not be read either
+                self.transport.unregisterProducer()
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)
+        self._last_sent = self.mesh.clock.seconds()
+
+    # IPushProducer: the transport says when its buffer is full and drained.
+
+    # Like a session's (meshd.session), a burst written within one reactor
+    # turn is not held against the peer: only what is written while the
+    # buffer stays full on later turns counts.
+
+    def pauseProducing(self) -> None:
+        if self._arming is None:
+            self._arming = self.mesh.clock.callLater(0, self._start_counting)
+
+    def _start_counting(self) -> None:
+        self._arming = None
+        self._counting = True
+        self._paused_bytes = 0
+
+    def resumeProducing(self) -> None:
+        if self._arming is not None:
+            self._arming.cancel()
+            self._arming = None
+        self._counting = False
+        self._paused_bytes = 0
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    @property
+    def dial_nonce(self) -> int:
+        """The dialer's nonce of this link, the same number at both ends."""
+        if self.dialed:
+            return self.nonce
+        return self.remote.nonce if self.remote is not None else 0
 
     def send(self, payload: bytes) -> None:
         self.write(frame(payload, self.mesh.settings.max_frame_size))
 
     def send_hello(self) -> None:
-        self.send(encode_hello(self.mesh.hello()))
+        self.send(encode_hello(replace(self.mesh.hello(), nonce=self.nonce)))
         self.hello_sent = True
+        self.mesh.introduce(self)
 
     def send_heartbeat(self) -> None:
-        self._unacked = 0
+        self._unacked = self._unacked_bytes = 0
         acked = self.peer.received_seq if self.peer is not None else 0
         self.send(encode_heartbeat(acked))
 
@@ -236,7 +296,12 @@ class Link(Protocol):
         if self.closing:
             return
         self.send(encode_goodbye(code, reason))
+        self._close()
+
+    def _close(self) -> None:
         self.closing = True
+        # TLS only shuts down once no producer is registered.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def violation(self, reason: str) -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh_links -*-
+# -*- test-case-name: tests.test_mesh -*-
 """The mesh: links to every other node, and one-hop routing of events over them.
 
 Routing is a full mesh with one hop.  What originates on this node is sent
@@ -21,6 +21,7 @@ from uuid import UUID
 from twisted.application import strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -52,15 +53,22 @@ if TYPE_CHECKING:
     from meshd.app import Application
     from meshd.state import Event
 
+#: At most this many other nodes are remembered; more are ignored (and logged).
+MAX_PEERS = 1024
+#: At most this many channels of interest per peer, each at most this long.
+MAX_PEER_CHANNELS = 1_000_000
+MAX_CHANNEL_BYTES = 4096
+
 
 class PeerState:
     """What this node knows of one other node, kept across its links."""
 
     __slots__ = (
         "node", "address", "incarnation", "link", "interests", "outbox", "received_seq", "linked",
+        "down_since",
     )
 
-    def __init__(self, node: UUID, address: Optional[str], outbox: Outbox) -> None:
+    def __init__(self, node: UUID, address: Optional[str], outbox: Outbox, now: float) -> None:
         self.node = node
         self.address = address
         self.incarnation: Optional[int] = None
@@ -69,6 +77,7 @@ class PeerState:
         self.outbox = outbox
         self.received_seq = 0  # highest seq received from this node's current incarnation
         self.linked = False  # has been linked at least once: frames for it wait while it is away
+        self.down_since = now  # when it was last seen linked (or first heard of)
 
 
 class Mesh(MultiService):
@@ -88,6 +97,7 @@ class Mesh(MultiService):
         self.seq = 0
         self.peers: dict[UUID, PeerState] = {}
         self.dialers: dict[str, ClientService] = {}
+        #: Every live connection, handshaking or open.
         self.links: set[Link] = set()
         self._pending_interest: dict[str, bool] = {}
         self._interest_flush = None
@@ -124,8 +134,9 @@ class Mesh(MultiService):
             self._interest_flush.cancel()
         for link in list(self.links):
             link.goodbye(GoodbyeCode.Shutdown, "node shutting down")
-        self.dialers.clear()
-        return super().stopService()
+        stopping = [self.park(address) for address in list(self.dialers)]
+        stopping.append(super().stopService())
+        return gatherResults([d for d in stopping if d is not None])
 
     # -- dialing --------------------------------------------------------------------
 
@@ -133,7 +144,11 @@ class Mesh(MultiService):
         """Keep a link dialed to ``address`` (until :meth:`park`)."""
         if address in self.dialers or address == self.settings.advertise:
             return
-        host, port = split_address(address)
+        try:
+            host, port = split_address(address)
+        except ValueError as e:
+            self.log.warn("Not dialing {address}: {error}", address=address, error=e)
+            return
         endpoint = wrapClientTLS(
             self.credentials.client_options(host), HostnameEndpoint(self.clock, host, port, timeout=5)
         )
@@ -147,30 +162,43 @@ class Mesh(MultiService):
         self.dialers[address] = service
         service.setServiceParent(self)
 
-    def park(self, address: Optional[str]) -> None:
+    def park(self, address: Optional[str]):
         """Stop dialing ``address``: the node there keeps the link up itself."""
         service = self.dialers.pop(address, None) if address else None
         if service is not None:
-            service.disownServiceParent()
+            return service.disownServiceParent()
+        return None
 
     # -- links ----------------------------------------------------------------------
 
     def hello(self) -> LinkHello:
+        """This node's LinkHello; interests and peers follow in their own frames."""
         return LinkHello(
             node=self.node_id,
             cluster=self.settings.cluster,
             incarnation=self.incarnation,
             version=MESH_VERSION,
             address=self.settings.advertise,
-            peers=tuple(Peer(p.node, p.address) for p in self.peers.values() if p.address),
-            interests=tuple(self.app.registry.channels),
             cursors=tuple(
                 Cursor(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
             ),
         )
 
+    def introduce(self, link: Link) -> None:
+        """After a LinkHello: every channel with subscribers, and every node known."""
+        for add in _chunks(list(self.app.registry.channels), self._budget()):
+            link.send(encode_interest(add, []))
+        peers = [Peer(p.node, p.address) for p in self.peers.values() if p.address]
+        for chunk in _chunks(peers, self._budget(), size=lambda p: len(p.address) + 64):
+            link.send(encode_peers(chunk))
+
+    def _budget(self) -> int:
+        return self.settings.max_frame_size // 2
+
     def check_hello(self, link: Link, hello: LinkHello) -> Optional[tuple[int, str]]:
         """Why a LinkHello is refused, or None if it is acceptable."""
+        if not self.running:
+            return GoodbyeCode.Shutdown, "node shutting down"
         if hello.cluster != self.settings.cluster:
             return GoodbyeCode.WrongCluster, f"cluster {hello.cluster!r} is not {self.settings.cluster!r}"
         if hello.version != MESH_VERSION:
@@ -178,7 +206,22 @@ class Mesh(MultiService):
         if hello.node == self.node_id:
             self.park(link.address)
             return GoodbyeCode.Self, "this is the node itself"
+        if hello.address:
+            try:
+                split_address(hello.address)
+            except ValueError as e:
+                return GoodbyeCode.ProtocolViolation, f"advertised address: {e}"
+        if hello.node not in self.peers and len(self.peers) >= MAX_PEERS:
+            return GoodbyeCode.ProtocolViolation, f"this node already knows {MAX_PEERS} nodes"
         return None
+
+    def refused_by_peer(self, link: Link, goodbye) -> None:
+        """The other side refused a link in its handshake, with a Goodbye."""
+        self.app.metrics.mesh_refusals += 1
+        self.log.warn("{peer} refused the link ({code}): {reason}", peer=link.address or _peer_of(link),
+                      code=goodbye.code, reason=goodbye.reason)
+        if goodbye.code == GoodbyeCode.Self:
+            self.park(link.address)
 
     def note_refusal(self, link: Link, reason: str) -> None:
         self.app.metrics.mesh_refusals += 1
@@ -197,20 +240,18 @@ class Mesh(MultiService):
     def link_opened(self, link: Link, hello: LinkHello) -> None:
         peer = self.peers.get(hello.node)
         if peer is None:
-            peer = self.peers[hello.node] = PeerState(
-                hello.node, None, Outbox(self.settings.queue_max_bytes, self.settings.queue_max_seconds)
-            )
+            peer = self.peers[hello.node] = self._new_peer(hello.node, None)
         new_address = hello.address and hello.address != peer.address
         if hello.address:
             peer.address = hello.address
         if peer.incarnation != hello.incarnation:
             peer.incarnation = hello.incarnation
             peer.received_seq = 0
-        self.links.add(link)
         current = peer.link
         if current is not None and current is not link and not current.closing:
-            # Two links with one node: both ends keep the one the lower id dialed.
-            keep_current = self._preferred(current, peer) and not self._preferred(link, peer)
+            # Two links with one node: both ends keep the one the lower id
+            # dialed, and of two such links, the one with the lower nonce.
+            keep_current = self._rank(current, peer) < self._rank(link, peer)
             drop = link if keep_current else current
             self.log.info("Two links with {node}; keeping the one its lower-id end dialed", node=peer.node)
             drop.goodbye(GoodbyeCode.Duplicate, "another link with this node is kept")
@@ -221,10 +262,13 @@ class Mesh(MultiService):
         link.peer = peer
         peer.link = link
         peer.linked = True
-        peer.interests = set(hello.interests)
+        peer.interests = set(hello.interests)  # then Interest frames follow
         resume = next(
             (c.seq for c in hello.cursors if c.node == self.node_id and c.incarnation == self.incarnation), 0
         )
+        lost = peer.outbox.lost_before(resume)
+        if lost:
+            self._dropped(peer, lost, "bytes")
         peer.outbox.ack(resume)
         replayed = 0
         for data in peer.outbox.after(resume):
@@ -246,12 +290,17 @@ class Mesh(MultiService):
         dialer = self.node_id if link.dialed else peer.node
         return dialer.int == min(self.node_id.int, peer.node.int)
 
+    def _rank(self, link: Link, peer: PeerState) -> tuple[bool, int]:
+        """Lower ranks are kept; both ends of a pair of links compute the same ranks."""
+        return (not self._preferred(link, peer), link.dial_nonce)
+
     def link_lost(self, link: Link, reason: Failure) -> None:
         self.links.discard(link)
         peer = link.peer
         if peer is None or peer.link is not link:
             return
         peer.link = None
+        peer.down_since = self.clock.seconds()
         farewell = link.farewell
         if farewell is not None and farewell.code == GoodbyeCode.Shutdown:
             self.log.info("Node {node} is shutting down", node=peer.node)
@@ -269,12 +318,23 @@ class Mesh(MultiService):
                 continue
             known = self.peers.get(p.node)
             if known is None:
-                known = self.peers[p.node] = PeerState(
-                    p.node, p.address, Outbox(self.settings.queue_max_bytes, self.settings.queue_max_seconds)
-                )
+                try:
+                    split_address(p.address)
+                except ValueError as e:
+                    self.log.warn("Ignoring node {node}: {error}", node=p.node, error=e)
+                    continue
+                if len(self.peers) >= MAX_PEERS:
+                    self.log.warn("Ignoring node {node}: {count} nodes known already", node=p.node,
+                                  count=len(self.peers))
+                    continue
+                known = self.peers[p.node] = self._new_peer(p.node, p.address)
                 self.log.info("Learned of node {node} at {address}", node=p.node, address=p.address)
             if known.link is None and self.running:
                 self.dial(known.address or p.address)
+
+    def _new_peer(self, node: UUID, address: Optional[str]) -> PeerState:
+        outbox = Outbox(self.settings.queue_max_bytes, self.settings.queue_max_seconds)
+        return PeerState(node, address, outbox, self.clock.seconds())
 
     def _tell_others(self, source: Link, payload: bytes) -> None:
         for other in self.links:
@@ -292,18 +352,26 @@ class Mesh(MultiService):
         pending, self._pending_interest = self._pending_interest, {}
         add = [c for c, present in pending.items() if present]
         remove = [c for c, present in pending.items() if not present]
-        if not (add or remove):
-            return
-        payload = encode_interest(add, remove)
-        for link in self.links | {p.link for p in self.peers.values() if p.link}:
+        frames = [encode_interest(chunk, []) for chunk in _chunks(add, self._budget())]
+        frames += [encode_interest([], chunk) for chunk in _chunks(remove, self._budget())]
+        # Links still in their handshake too: they have sent the LinkHello
+        # (and the interests of that moment) already.
+        for link in self.links:
             if link.hello_sent:
-                link.send(payload)
+                for payload in frames:
+                    link.send(payload)
 
     def interest_received(self, link: Link, interest: Interest) -> None:
         peer = link.peer
-        if peer is not None and peer.link is link:
-            peer.interests.update(interest.add)
-            peer.interests.difference_update(interest.remove)
+        if peer is None or peer.link is not link:
+            return
+        if any(len(c) > MAX_CHANNEL_BYTES for c in interest.add):
+            link.violation(f"a channel name over {MAX_CHANNEL_BYTES} bytes")
+            return
+        peer.interests.update(interest.add)
+        peer.interests.difference_update(interest.remove)
+        if len(peer.interests) > MAX_PEER_CHANNELS:
+            link.violation(f"interest in over {MAX_PEER_CHANNELS} channels")
 
     # -- routing --------------------------------------------------------------------
 
@@ -340,11 +408,14 @@ class Mesh(MultiService):
         now = self.clock.seconds()
         metrics = self.app.metrics
         for peer in targets:
-            dropped = peer.outbox.append(self.seq, data, now)
-            if dropped:
-                self._dropped(peer, dropped, "bytes")
+            outbox = peer.outbox
+            outbox.append(self.seq, data, now)
             if peer.link is not None:
                 peer.link.write(data)
+                if outbox.over:
+                    outbox.trim()  # written already; kept only in case the link breaks
+            elif outbox.over:
+                self._dropped(peer, outbox.clear(), "bytes")
         metrics.mesh_routed_sent += len(targets)
         return len(targets)
 
@@ -365,18 +436,44 @@ class Mesh(MultiService):
 
     def _expire(self) -> None:
         now = self.clock.seconds()
-        for peer in self.peers.values():
-            if peer.link is None:
-                dropped = peer.outbox.expire(now)
-                if dropped:
-                    self._dropped(peer, dropped, "seconds")
+        for peer in list(self.peers.values()):
+            if peer.link is not None:
+                continue
+            dropped = peer.outbox.expire(now)
+            if dropped:
+                self._dropped(peer, dropped, "seconds")
+            if now - peer.down_since > self.settings.forget_after:
+                self.log.info("Forgetting node {node}: unreachable for {seconds:.0f}s", node=peer.node,
+                              seconds=now - peer.down_since)
+                del self.peers[peer.node]
+                self.park(peer.address)
+                self._dropped(peer, peer.outbox.clear(), "seconds")
 
     def _dropped(self, peer: PeerState, count: int, bound: str) -> None:
+        if not count:
+            return
         self.app.metrics.mesh_queue_dropped += count
         self.log.warn(
             "Dropped {count} queued frames for {node}: past queue_max_{bound}", count=count,
             node=peer.node, bound=bound,
         )
+
+
+def _chunks(items: list, budget: int, size=lambda s: len(s.encode("utf-8")) + 8) -> list[list]:
+    """Split ``items`` into lists whose encoded size stays within ``budget``."""
+    out: list[list] = []
+    chunk: list = []
+    used = 0
+    for item in items:
+        cost = size(item)
+        if chunk and used + cost > budget:
+            out.append(chunk)
+            chunk, used = [], 0
+        chunk.append(item)
+        used += cost
+    if chunk:
+        out.append(chunk)
+    return out
 
 
 def _peer_of(link: Link) -> str:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh_links -*-
+# -*- test-case-name: tests.test_mesh -*-
 """Mutual TLS for mesh links: both sides present a certificate the cluster CA signed."""
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ class LinkHello:
     peers: tuple[Peer, ...] = ()
     interests: tuple[str, ...] = ()
     cursors: tuple[Cursor, ...] = ()
+    nonce: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ _HELLO = fv.Table(
         fv.Field("peers", fv.TABLES, _PEER),
         fv.Field("interests", fv.STRINGS),
         fv.Field("cursors", fv.TABLES, _CURSOR),
+        fv.Field("nonce", fv.U64),
     ),
     _make(LinkHello, ("peers", "interests", "cursors")),
 )
@@ -245,6 +247,7 @@ def encode_hello(hello: LinkHello) -> bytes:
     L.AddPeers(b, peers)
     L.AddInterests(b, interests)
     L.AddCursors(b, cursor_vector)
+    L.AddNonce(b, hello.nonce)
     return _finish(b, Body.LinkHello, L.End(b))
 
 

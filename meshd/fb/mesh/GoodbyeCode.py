@@ -10,3 +10,4 @@ class GoodbyeCode(object):
     Self = 4
     ProtocolViolation = 5
     HeartbeatTimeout = 6
+    TooSlow = 7

@@ -137,8 +137,15 @@ class LinkHello(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
         return o == 0
 
+    # LinkHello
+    def Nonce(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def LinkHelloStart(builder):
-    builder.StartObject(8)
+    builder.StartObject(9)
 
 def Start(builder):
     LinkHelloStart(builder)
@@ -208,6 +215,12 @@ def LinkHelloStartCursorsVector(builder, numElems):
 
 def StartCursorsVector(builder, numElems):
     return LinkHelloStartCursorsVector(builder, numElems)
+
+def LinkHelloAddNonce(builder, nonce):
+    builder.PrependUint64Slot(8, nonce, 0)
+
+def AddNonce(builder, nonce):
+    LinkHelloAddNonce(builder, nonce)
 
 def LinkHelloEnd(builder):
     return builder.EndObject()
