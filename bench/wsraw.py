@@ -20,16 +20,17 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 
 
-def mask(payload: bytes) -> bytes:
-    """A masked, final, binary client frame carrying ``payload``."""
+def mask(payload: bytes, opcode: int = 0x2) -> bytes:
+    """A masked, final client frame (binary unless ``opcode`` says otherwise) carrying ``payload``."""
     key = os.urandom(4)
     n = len(payload)
+    first = 0x80 | opcode
     if n < 126:
-        header = bytes([0x82, 0x80 | n])
+        header = bytes([first, 0x80 | n])
     elif n < 65536:
-        header = bytes([0x82, 0x80 | 126]) + _U16.pack(n)
+        header = bytes([first, 0x80 | 126]) + _U16.pack(n)
     else:
-        header = bytes([0x82, 0x80 | 127]) + _U64.pack(n)
+        header = bytes([first, 0x80 | 127]) + _U64.pack(n)
     repeated = (key * (n // 4 + 1))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big") if n else b""
     return header + key + masked
@@ -103,8 +104,8 @@ class RawWebSocket(Protocol):
             opcode = buffer[at] & 0x0F
             if opcode == 0x2:
                 on_message(buffer[start:end])
-            elif opcode == 0x9:  # ping: answer
-                self.transport.write(bytes([0x8A, 0x80]) + b"\0\0\0\0")
+            elif opcode == 0x9:  # ping: answer with the same payload
+                self.transport.write(mask(buffer[start:end], opcode=0xA))
             elif opcode == 0x8:
                 self.transport.loseConnection()
             at = end

@@ -98,6 +98,8 @@ class _Factory(WebSocketClientFactory):
             maxFramePayloadSize=max_message_size,
             failByDrop=False,
             tcpNoDelay=True,
+            closeHandshakeTimeout=5,
+            serverConnectionDropTimeout=5,
         )
 
 

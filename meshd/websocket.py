@@ -86,6 +86,9 @@ class MeshServerFactory(WebSocketServerFactory):
             autoPingInterval=config.auto_ping_interval,
             autoPingTimeout=config.auto_ping_timeout,
             openHandshakeTimeout=config.open_handshake_timeout,
+            # Time for a client to answer our close frame before the TCP
+            # connection is dropped (Autobahn's 1 s is short on a busy host).
+            closeHandshakeTimeout=5,
             maxConnections=config.max_connections,
             # Refuse compression: events are framed once for every recipient.
             perMessageCompressionAccept=lambda offers: None,
