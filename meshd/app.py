@@ -23,7 +23,7 @@ from meshd.handlers import Handlers, Request, lookup
 from meshd.metrics import Metrics, MetricsResource
 from meshd.permissions import Policy
 from meshd.registry import Registry
-from meshd.session import Session
+from meshd.session import Flusher, Session
 from meshd.state import NodeState
 from meshd.websocket import CLOSE_HELLO_TIMEOUT, MeshServerFactory
 
@@ -68,6 +68,7 @@ class Application(MultiService):
         #: The mesh service, once :meth:`join_mesh` has been called.
         self.mesh = None
         self._hello_timers: dict[Session, Any] = {}
+        self.flusher = Flusher(self.clock)
 
     def get_state(self) -> NodeState:
         return self.state
@@ -127,7 +128,9 @@ class Application(MultiService):
     # -- sessions -----------------------------------------------------------------
 
     def open_session(self, protocol, peer: str = "") -> Session:
-        session = Session(protocol, peer, max_backlog=self.config.max_send_buffer, clock=self.clock)
+        session = Session(
+            protocol, peer, max_backlog=self.config.max_send_buffer, clock=self.clock, flusher=self.flusher
+        )
         self.registry.add(session)
         self.metrics.sessions_opened += 1
         transport = getattr(protocol, "transport", None)

@@ -56,6 +56,13 @@ class MeshServerProtocol(WebSocketServerProtocol):
             return
         self.factory.app.dispatch(session, payload)
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
+        # Autobahn's own frames (close, ping) go after what the session was
+        # already sent in this turn.
+        if self.session is not None:
+            self.session.flush()
+        super().sendData(data, sync, chopsize)
+
     def dropConnection(self, abort: bool = False) -> None:
         # The session is this transport's producer; TLS transports only shut
         # down once no producer is registered.
