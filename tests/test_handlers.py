@@ -10,7 +10,7 @@ from zope.interface import implementer
 from meshd.auth import IAuthenticator
 
 from meshd.client import MeshError, connect
-from meshd.codec import ErrorCode, Opcode, ProtocolError, Watchable, encode
+from meshd.codec import ErrorCode, EventType, Opcode, ProtocolError, Watchable, encode
 from meshd.config import Config
 from meshd.permissions import Rule
 
@@ -351,9 +351,11 @@ class CleanupTests(NodeTestCase):
         self.assertEqual((registry.sessions, registry.channels, registry.watchers, registry.members), ({}, {}, {}, set()))
 
     async def test_shutdown_closes_sessions(self) -> None:
-        """Stopping the node closes every session with 1000."""
+        """Stopping the node closes every session with 1000, after the events it was already sent."""
         app = await self.start_node()
         c = await self.client()
-        await app.stopService()
+        app.state.broadcast_event(EventType.NodeEvent, None, None, b"last words")
+        await app.stopService()  # in the same reactor turn as the event
         closed = await c.when_closed()
         self.assertEqual(closed.code, 1000)
+        self.assertEqual(payloads(c.received), [b"last words"])

@@ -13,7 +13,7 @@ from meshd.auth import DevelopmentAuthenticator, TokenAuthenticator
 from meshd.codec import Watchable
 from meshd.permissions import Policy, Rule
 from meshd.registry import Registry
-from meshd.session import CLOSE_SLOW_CONSUMER, Session, prepare
+from meshd.session import CLOSE_SLOW_CONSUMER, Flusher, Session, prepare
 
 
 class FakeWebSocket:
@@ -125,6 +125,25 @@ class SlowConsumerTests(unittest.SynchronousTestCase):
             session.resumeProducing()
         self.assertIsNone(ws.closed_with)
         self.assertEqual(len(ws.sent), 20)
+
+
+class FlusherTests(unittest.SynchronousTestCase):
+    def test_one_write_per_turn_in_order(self) -> None:
+        """What a session is sent in one turn is written once, at the end of the turn, in order."""
+        writes: list[bytes] = []
+        ws = FakeWebSocket()
+        ws.transport.write = writes.append
+        clock = Clock()
+        session = Session(ws, clock=clock, flusher=Flusher(clock))
+        for i in range(5):
+            session.send(prepare(b"%d" % i))
+        self.assertEqual(writes, [], "nothing before the end of the turn")
+        clock.advance(0)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(writes[0], b"".join(prepare(b"%d" % i).payloadHybi for i in range(5)))
+        session.send(prepare(b"next"))
+        clock.advance(0)
+        self.assertEqual(len(writes), 2)
 
 
 class PolicyTests(unittest.SynchronousTestCase):
