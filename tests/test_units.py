@@ -146,6 +146,29 @@ class FlusherTests(unittest.SynchronousTestCase):
         self.assertEqual(len(writes), 2)
 
 
+class ProtocolWriteOrderTests(unittest.SynchronousTestCase):
+    def test_autobahn_frames_follow_pending_events(self) -> None:
+        """A close or ping frame Autobahn writes goes after the frames the session was already sent."""
+        from meshd.app import Application
+        from meshd.websocket import MeshServerProtocol
+
+        clock = Clock()
+        app = Application(clock=clock)
+        protocol = MeshServerProtocol()
+        protocol.factory = app.factory
+        protocol.transport = StringTransport()
+        protocol.state = protocol.STATE_OPEN
+        protocol.send_queue = []
+        protocol.logOctets = False
+        protocol.trafficStats = type("Stats", (), {"outgoingOctetsWireLevel": 0})()
+        protocol.session = Session(protocol, clock=clock, flusher=app.flusher)
+        protocol.session.send(prepare(b"event"))
+        protocol.sendData(b"CLOSE-FRAME")
+        self.assertEqual(protocol.transport.value(), prepare(b"event").payloadHybi + b"CLOSE-FRAME")
+        clock.advance(0)
+        self.assertEqual(protocol.transport.value(), prepare(b"event").payloadHybi + b"CLOSE-FRAME")
+
+
 class PolicyTests(unittest.SynchronousTestCase):
     def test_rules(self) -> None:
         """Globs grant actions; authenticated sessions inherit anonymous grants; the rest is denied."""
