@@ -163,6 +163,7 @@ def mesh_latency(name: str, workdir: Path, rate: float, duration: float) -> list
     """Median latency of the same delivery on one node, and from node A to subscribers on node B."""
     from meshd.mesh.certs import create_ca, issue_node
 
+    workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
     create_ca(certs, "bench")
     for n in ("a", "b"):
@@ -255,7 +256,8 @@ def main() -> None:
             results.append(idle(f"relay, {n} idle", "relay", n, work))
             results.append(idle(f"meshd, {n} idle subscribed", "meshd", n, work))
         if "mesh" in groups:
-            results += mesh_latency("10,000 msg/s to 10 subscribers", work, 10_000, duration)
+            for rate in (2_000, 10_000):
+                results += mesh_latency(f"{rate:,} msg/s to 10 subscribers", work / f"mesh{rate}", rate, duration)
     header = (f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     text = header + table(results, baselines)

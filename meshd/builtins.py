@@ -143,6 +143,8 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def _has_control_characters(text: str) -> bool:
+    if text.isascii():  # the common case, checked in C: printable ASCII has none
+        return not text.isprintable()
     return any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in text)
 
 

@@ -52,6 +52,16 @@ class Table:
     #: Turns the dict of present fields into the caller's value.
     make: Callable[[dict], Any] = dict
 
+    def __post_init__(self) -> None:
+        # What read_table needs per field, worked out once:
+        # (vtable entry, name, kind, inline size, scalar reader, of, required, description)
+        plan = tuple(
+            (4 + 2 * slot, f.name, f.kind, _INLINE_SIZE.get(f.kind, 4), _SCALARS.get(f.kind), f.of,
+             f.required, f"{self.name}.{f.name}")
+            for slot, f in enumerate(self.fields)
+        )
+        object.__setattr__(self, "plan", plan)
+
 
 def root(buf: bytes, identifier: bytes) -> int:
     """Check size and file identifier; return the position of the root table."""
@@ -81,50 +91,42 @@ def read_table(buf: bytes, pos: int, table: Table, depth: int = 0) -> Any:
         raise Malformed(f"{table.name} vtable or table size out of bounds")
     values: dict[str, Any] = {}
     union_type = 0
-    for slot, f in enumerate(table.fields):
-        entry = 4 + 2 * slot
+    for entry, name, kind, size, scalar, of, required, what in table.plan:
         offset = _u16(buf, vtable + entry)[0] if entry < vt_size else 0
         if not offset:
-            if f.required:
-                raise Malformed(f"{table.name}.{f.name} is required")
+            if required:
+                raise Malformed(f"{what} is required")
             continue
-        size = _INLINE_SIZE.get(f.kind, 4)
         if offset < 4 or offset + size > t_size:
-            raise Malformed(f"field {table.name}.{f.name} out of bounds")
+            raise Malformed(f"field {what} out of bounds")
         at = pos + offset
-        kind = f.kind
-        what = f"{table.name}.{f.name}"
-        if kind in _SCALARS:
-            values[f.name] = _SCALARS[kind](buf, at)[0]
-        elif kind == BOOL:
-            values[f.name] = buf[at] != 0
+        if scalar is not None:
+            values[name] = scalar(buf, at)[0]
         elif kind == STRING:
-            values[f.name] = string(buf, at, what)
+            values[name] = string(buf, at, what)
         elif kind == BYTES:
             start, length = vector(buf, at, what, 1)
-            values[f.name] = bytes(buf[start : start + length])
+            values[name] = bytes(buf[start : start + length])
         elif kind == UUID_STRUCT:
             hi, lo = _uuid_parts(buf, at)
-            values[f.name] = UUID(int=(hi << 64) | lo)
+            values[name] = UUID(int=(hi << 64) | lo)
+        elif kind == BOOL:
+            values[name] = buf[at] != 0
         elif kind == TABLE:
-            values[f.name] = read_table(buf, follow(buf, at, what), f.of, depth + 1)
+            values[name] = read_table(buf, follow(buf, at, what), of, depth + 1)
         elif kind == STRINGS:
             start, length = vector(buf, at, what, 4)
-            values[f.name] = [string(buf, start + 4 * i, what) for i in range(length)]
+            values[name] = [string(buf, start + 4 * i, what) for i in range(length)]
         elif kind == TABLES:
             start, length = vector(buf, at, what, 4)
-            values[f.name] = [
-                read_table(buf, follow(buf, start + 4 * i, what), f.of, depth + 1)
-                for i in range(length)
-            ]
+            values[name] = [read_table(buf, follow(buf, start + 4 * i, what), of, depth + 1) for i in range(length)]
         elif kind == UNION_TYPE:
             union_type = buf[at]
         elif kind == UNION:
-            member = f.of.get(union_type)
+            member = of.get(union_type)
             if member is None:
                 raise Malformed(f"{what}: unknown union member {union_type}")
-            name, sub = member
-            values[f.name] = read_table(buf, follow(buf, at, what), sub, depth + 1)
+            values[name] = read_table(buf, follow(buf, at, what), member[1], depth + 1)
     return table.make(values)
 
 
