@@ -188,6 +188,10 @@ class Link(Protocol):
 
     def connectionMade(self) -> None:
         self.mesh.links.add(self)
+        # Frames are small and latency matters: no Nagle delay.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.transport.registerProducer(self, True)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self.mesh.clock
