@@ -255,6 +255,30 @@ def _pad4(n: int) -> int:
     return (4 - n % 4) % 4
 
 
+def string_part(text: str) -> bytes:
+    """A FlatBuffers string as it sits in a buffer: length, UTF-8, NUL, padding to 4."""
+    raw = text.encode("utf-8")
+    return _U32.pack(len(raw)) + raw + b"\0" * (1 + _pad4(len(raw) + 1))
+
+
+def vector_part(data: bytes) -> bytes:
+    """A FlatBuffers [ubyte] vector: length, bytes, padding to 4."""
+    return _U32.pack(len(data)) + data + b"\0" * _pad4(len(data))
+
+
+def watchable_part(watchable: Watchable, at: int) -> tuple[bytes, int]:
+    """A Watchable table (with its vtable) placed at buffer position ``at``.
+
+    Returns the bytes and the position of the table itself.
+    """
+    table = at + 8  # after its 8-byte vtable: soffset, kind offset, id offset
+    kind = string_part(watchable.kind)
+    kind_at = table + 12
+    id_at = kind_at + len(kind)
+    head = _WATCHABLE_VT.pack(8, 12, 4, 8) + struct.pack("<iII", table - at, kind_at - (table + 4), id_at - (table + 8))
+    return head + kind + string_part(watchable.id), table
+
+
 def encode_event(
     event_type: int,
     *,
@@ -264,43 +288,29 @@ def encode_event(
     session: Optional[UUID] = None,
     node: Optional[UUID] = None,
 ) -> bytes:
-    """An Event frame, equal in meaning to ``encode(Opcode.Event, ...)``, about 20x faster."""
+    """An Event frame, equal in meaning to ``encode(Opcode.Event, ...)``, about 15x faster."""
     T = _T
-    parts = [b""] * 4
+    parts = []
     tail = T + _TABLE_SIZE
     channel_at = payload_at = watchable_at = 0
     if channel is not None:
-        raw = channel.encode("utf-8")
-        channel_at = tail
-        parts[1] = _U32.pack(len(raw)) + raw + b"\0" + b"\0" * _pad4(len(raw) + 1)
-        tail += len(parts[1])
+        part = string_part(channel)
+        channel_at, tail = tail, tail + len(part)
+        parts.append(part)
     if payload is not None:
-        payload_at = tail
-        parts[2] = _U32.pack(len(payload)) + payload + b"\0" * _pad4(len(payload))
-        tail += len(parts[2])
+        part = vector_part(payload)
+        payload_at, tail = tail, tail + len(part)
+        parts.append(part)
     if watchable is not None:
-        kind, ident = watchable.kind.encode("utf-8"), watchable.id.encode("utf-8")
-        vt = tail
-        wt = vt + 8  # the Watchable table: soffset, kind offset, id offset
-        kind_at = wt + 12
-        kind_part = _U32.pack(len(kind)) + kind + b"\0" + b"\0" * _pad4(len(kind) + 1)
-        id_at = kind_at + len(kind_part)
-        id_part = _U32.pack(len(ident)) + ident + b"\0" + b"\0" * _pad4(len(ident) + 1)
-        parts[3] = (
-            _WATCHABLE_VT.pack(8, 12, 4, 8)
-            + struct.pack("<iII", wt - vt, kind_at - (wt + 4), id_at - (wt + 8))
-            + kind_part
-            + id_part
-        )
-        watchable_at = wt
-        tail += len(parts[3])
+        part, watchable_at = watchable_part(watchable, tail)
+        parts.append(part)
     # vtable: size, table size, then the slot offsets of fields 0..7
     vtable = _VT.pack(
         20, _TABLE_SIZE,
         4,  # opcode
         0,  # request_id: absent
         44 if channel is not None else 0,
-        52 - 4 if watchable is not None else 0,
+        48 if watchable is not None else 0,
         40 if payload is not None else 0,
         6,  # event_type
         8 if session is not None else 0,
@@ -317,4 +327,4 @@ def encode_event(
         _U32.pack(watchable_at - (T + 48) if watchable is not None else 0),
     ))
     head = _U32.pack(T) + FILE_IDENTIFIER + vtable + b"\0" * (T - 8 - 20)
-    return b"".join((head, table, parts[1], parts[2], parts[3]))
+    return b"".join((head, table, *parts))

@@ -10,7 +10,7 @@ from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from meshd.app import Application
-from meshd.config import DEFAULT_LISTEN, Config, ConfigError, is_loopback, load
+from meshd.config import DEFAULT_LISTEN, ConfigError, is_loopback, load
 from meshd.permissions import Rule
 from meshd.tap import Options, makeService
 

@@ -9,7 +9,7 @@ from zope.interface import implementer
 
 from meshd.auth import IAuthenticator
 
-from meshd.client import MeshError, connect
+from meshd.client import MeshError
 from meshd.codec import ErrorCode, EventType, Opcode, ProtocolError, Watchable, encode
 from meshd.config import Config
 from meshd.permissions import Rule

@@ -7,7 +7,6 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.client import Agent, readBody
 from twisted.web.server import Site
 
-from meshd.codec import ErrorCode, Opcode, encode
 from meshd.config import Config
 from meshd.metrics import MetricsResource
 

@@ -80,6 +80,7 @@ class Link(Protocol):
         self._counting = False  # the transport's buffer has stayed full past a reactor turn
         self._arming = None
         self._paused_bytes = 0  # written since then
+        self._pending: list[bytes] = []  # written at the end of the reactor turn
         #: What a ClientService sees of this link once it opened (LinkEndpoint).
         self.handle: Optional[Protocol] = None
 
@@ -247,8 +248,19 @@ class Link(Protocol):
                 self.transport.unregisterProducer()
                 self.transport.abortConnection()
                 return
-        self.transport.write(data)
+        pending = self._pending
+        pending.append(data)
+        if len(pending) == 1:
+            self.mesh.flusher.mark(self)
         self._last_sent = self.mesh.clock.seconds()
+
+    def flush(self) -> None:
+        """Write this turn's frames in one piece: one TLS record batch, one send()."""
+        pending = self._pending
+        if pending and self.transport is not None:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self.transport.write(data)
 
     # IPushProducer: the transport says when its buffer is full and drained.
 
@@ -303,6 +315,7 @@ class Link(Protocol):
         self._close()
 
     def _close(self) -> None:
+        self.flush()
         self.closing = True
         # TLS only shuts down once no producer is registered.
         self.transport.unregisterProducer()

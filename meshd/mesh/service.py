@@ -35,6 +35,7 @@ from meshd.mesh.framing import FrameTooLarge, frame
 from meshd.mesh.link import Link, LinkEndpoint, LinkFactory
 from meshd.mesh.outbox import Outbox
 from meshd.mesh.tls import Credentials
+from meshd.session import Flusher
 from meshd.mesh.wire import (
     MESH_VERSION,
     Cursor,
@@ -101,6 +102,8 @@ class Mesh(MultiService):
         self.links: set[Link] = set()
         self._pending_interest: dict[str, bool] = {}
         self._interest_flush = None
+        #: Writes each link's frames once per reactor turn, like sessions'.
+        self.flusher = Flusher(self.clock)
         self._expiry = LoopingCall(self._expire)
         self._expiry.clock = self.clock
         listener = strports.service(
