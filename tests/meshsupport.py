@@ -7,12 +7,14 @@ from typing import Optional, Sequence
 from uuid import UUID
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
 
 from meshd.app import Application
 from meshd.client import MeshClient, connect
 from meshd.config import Config, MeshSettings
 from meshd.mesh.certs import create_ca, issue_node
+from meshd.mesh.tls import Credentials
 
 from .support import NodeTestCase, close_quietly, free_port, sleep
 
@@ -39,6 +41,20 @@ class Node:
 
     def links(self) -> int:
         return sum(1 for p in self.mesh.peers.values() if p.link is not None)
+
+
+class Recorder(Protocol):
+    """Records what a raw connection receives, and when it is lost."""
+
+    def connectionMade(self) -> None:
+        self.received = b""
+        self.lost = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
 
 
 class MeshTestCase(NodeTestCase):
@@ -95,6 +111,14 @@ class MeshTestCase(NodeTestCase):
         client.add_listener(client.received.append)
         self.addCleanup(close_quietly, client)
         return client
+
+    async def tls_link(self, node: Node) -> Recorder:
+        """A TLS connection with a valid cluster certificate that speaks raw frames."""
+        d = self.certs()
+        creds = Credentials.load(d / "ca.pem", d / "n5.pem", d / "n5.key")
+        host, port = node.address.split(":")
+        endpoint = wrapClientTLS(creds.client_options(host), TCP4ClientEndpoint(reactor, host, int(port)))
+        return await endpoint.connect(Factory.forProtocol(Recorder))
 
     async def interest_settled(self, nodes: Sequence[Node], channel: str, holders: Sequence[Node]) -> None:
         """Wait until every node knows which others have subscribers on ``channel``."""

@@ -61,6 +61,22 @@ def close_quietly(client: MeshClient) -> Deferred:
     return client.close().addTimeout(5, reactor).addErrback(lambda _: None)
 
 
+def flatc_json(schema: str, data: bytes) -> dict:
+    """What flatc's C++ reader makes of ``data`` as the root type of ``schemas/<schema>``."""
+    import json
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "schemas"))
+    import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frame.bin"
+        path.write_bytes(data)
+        subprocess.run([generate.find_flatc(), "--json", "--strict-json", "--raw-binary", "-o", tmp,
+                        "-I", str(generate.SCHEMAS), str(generate.SCHEMAS / schema), "--", str(path)], check=True)
+        return json.loads((Path(tmp) / "frame.json").read_text())
+
+
 def payloads(events: list[Message]) -> list[bytes]:
     return [e.payload for e in events]
 

@@ -25,6 +25,8 @@ from meshd.codec import (
 )
 from meshd.fb.client.Frame import Frame
 
+from .support import flatc_json
+
 texts = st.text(max_size=40)
 uuids = st.builds(UUID, int=st.integers(min_value=0, max_value=(1 << 128) - 1))
 messages = st.builds(
@@ -110,24 +112,10 @@ class FastEventEncoderTests(unittest.SynchronousTestCase):
 
     def test_flatc_reads_it(self) -> None:
         """flatc's C++ reader turns an encode_event frame back into the same fields."""
-        import json
-        import subprocess
-        import sys
-        import tempfile
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "schemas"))
-        import generate
-
         session, node = UUID(int=7), UUID(int=(1 << 127) + 9)
         frame = encode_event(EventType.ResourceEvent, channel="ch/é", watchable=Watchable("doc", "42"),
                              payload=b"\x00\x01\x02", session=session, node=node)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "event.bin"
-            path.write_bytes(frame)
-            subprocess.run([generate.find_flatc(), "--json", "--strict-json", "--raw-binary", "-o", tmp,
-                            str(generate.SCHEMAS / "client.fbs"), "--", str(path)], check=True)
-            parsed = json.loads((Path(tmp) / "event.json").read_text())
+        parsed = flatc_json("client.fbs", frame)
         self.assertEqual(parsed["opcode"], "Event")
         self.assertEqual(parsed["event_type"], "ResourceEvent")
         self.assertEqual(parsed["channel"], "ch/é")

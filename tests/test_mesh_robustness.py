@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import uuid
 
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory
-
 from meshd.codec import EventType
 from meshd.mesh.framing import Deframer, frame
-from meshd.mesh.tls import Credentials
 from meshd.mesh.wire import (
     Goodbye, GoodbyeCode, LinkHello, Peer, RouteKind, Routed, decode, encode_hello, encode_interest,
     encode_peers, encode_routed,
 )
 
-from .meshsupport import MeshTestCase
+from .meshsupport import MeshTestCase, Recorder
 from .support import payloads, sleep
-from .test_mesh_security import Recorder
 
 
-class RawLinkMixin:
-    async def raw(self, node) -> Recorder:
-        """A TLS connection with a valid cluster certificate that speaks raw frames."""
-        d = self.certs()
-        creds = Credentials.load(d / "ca.pem", d / "n5.pem", d / "n5.key")
-        host, port = node.address.split(":")
-        factory = Factory.forProtocol(Recorder)
-        factory.connected = []
-        endpoint = wrapClientTLS(creds.client_options(host), TCP4ClientEndpoint(reactor, host, int(port)))
-        return await endpoint.connect(factory)
-
-    def frames(self, proto: Recorder) -> list:
-        return [decode(f) for f in Deframer(1 << 20).feed(proto.received)]
+def frames(proto: Recorder) -> list:
+    return [decode(f) for f in Deframer(1 << 20).feed(proto.received)]
 
 
 class InterestTests(MeshTestCase):
@@ -88,11 +71,11 @@ class InterestTests(MeshTestCase):
         await self.interest_settled([a, b], "gone", [])
 
 
-class GossipTests(RawLinkMixin, MeshTestCase):
+class GossipTests(MeshTestCase):
     async def test_bad_addresses_are_ignored(self) -> None:
         """A gossiped node with an address that cannot be dialed is ignored; others still link."""
         a, b = await self.cluster_of(2)
-        proto = await self.raw(a)
+        proto = await self.tls_link(a)
         proto.transport.write(frame(encode_hello(LinkHello(node=uuid.uuid4(), cluster="test", version=1,
                                                            address="127.0.0.1:1", incarnation=5)), 1 << 20))
         proto.transport.write(frame(encode_peers([Peer(uuid.uuid4(), "bogus")]), 1 << 20))
@@ -105,11 +88,11 @@ class GossipTests(RawLinkMixin, MeshTestCase):
     async def test_bad_advertised_address_refused(self) -> None:
         """A LinkHello advertising an address that is not HOST:PORT is refused."""
         a = await self.start_mesh_node(self.settings(0))
-        proto = await self.raw(a)
+        proto = await self.tls_link(a)
         proto.transport.write(frame(encode_hello(LinkHello(node=uuid.uuid4(), cluster="test", version=1,
                                                            address="nowhere")), 1 << 20))
         await self.wait_for(lambda: proto.lost is not None, "refusal")
-        goodbye = self.frames(proto)[-1]
+        goodbye = frames(proto)[-1]
         self.assertEqual(goodbye.code, GoodbyeCode.ProtocolViolation)
         self.assertIn("advertised address", goodbye.reason)
         self.assertEqual(a.mesh.peers, {})
@@ -117,19 +100,19 @@ class GossipTests(RawLinkMixin, MeshTestCase):
     async def test_oversize_channel_name_in_interest(self) -> None:
         """Interest in an absurdly long channel name is a protocol violation."""
         a = await self.start_mesh_node(self.settings(0))
-        proto = await self.raw(a)
+        proto = await self.tls_link(a)
         proto.transport.write(frame(encode_hello(LinkHello(node=uuid.uuid4(), cluster="test", version=1,
                                                            address="127.0.0.1:1")), 1 << 20))
         proto.transport.write(frame(encode_interest(["x" * 5000], []), 1 << 20))
         await self.wait_for(lambda: proto.lost is not None, "the link closed")
-        self.assertIn("channel name over", self.frames(proto)[-1].reason)
+        self.assertIn("channel name over", frames(proto)[-1].reason)
 
     async def test_routed_frame_before_hello_reaches_nobody(self) -> None:
         """A routed frame sent before the handshake is refused and delivered to no session."""
         a = await self.start_mesh_node(self.settings(0))
         sub = await self.client_of(a)
         await sub.subscribe("c")
-        proto = await self.raw(a)
+        proto = await self.tls_link(a)
         event = a.app.state.event(EventType.ChannelEvent, channel="c", payload=b"forged")
         proto.transport.write(frame(encode_routed(Routed(origin=uuid.uuid4(), frame=event.frame, seq=1,
                                                          kind=RouteKind.ChannelMessage, channel="c")), 1 << 20))
@@ -174,15 +157,15 @@ class RefusalReasonTests(MeshTestCase):
         self.assertEqual((len(live(a)), len(live(b))), (1, 1))
 
 
-class LifecycleTests(RawLinkMixin, MeshTestCase):
+class LifecycleTests(MeshTestCase):
     async def test_stop_closes_handshaking_links(self) -> None:
         """Stopping the mesh closes links still in their handshake, and refuses late hellos."""
         a = await self.start_mesh_node(self.settings(0))
-        proto = await self.raw(a)
+        proto = await self.tls_link(a)
         await sleep(0.2)
         await a.app.mesh.stopService()
         await self.wait_for(lambda: proto.lost is not None, "the connection to close")
-        self.assertIsInstance(self.frames(proto)[-1], Goodbye)
+        self.assertIsInstance(frames(proto)[-1], Goodbye)
         self.assertEqual(a.mesh.links, set())
 
     async def test_heartbeat_timeout(self) -> None:

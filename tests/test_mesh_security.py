@@ -7,30 +7,16 @@ import struct
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher, formatEvent
 
 from meshd.mesh.certs import create_ca, issue_node
 from meshd.mesh.framing import frame
-from meshd.mesh.tls import Credentials
 from meshd.mesh.wire import LinkHello, encode_hello
 
-from .meshsupport import MeshTestCase
+from .meshsupport import MeshTestCase, Recorder
 from .support import sleep
-
-
-class Recorder(Protocol):
-    def connectionMade(self) -> None:
-        self.factory.connected.append(self)
-        self.received = b""
-        self.lost = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason) -> None:
-        self.lost = reason
 
 
 class RefusalTests(MeshTestCase):
@@ -101,7 +87,6 @@ class RefusalTests(MeshTestCase):
         node = await self.target()
         host, port = node.address.split(":")
         factory = Factory.forProtocol(Recorder)
-        factory.connected = []
         hello = LinkHello(node=node.app.node_id, cluster="test", version=1)
         proto = await TCP4ClientEndpoint(reactor, host, int(port)).connect(factory)
         proto.transport.write(frame(encode_hello(hello), 1 << 20))
@@ -113,16 +98,6 @@ class RefusalTests(MeshTestCase):
         node = await self.target()
         await self.start_mesh_node(self.settings(1, [node.address], cluster="other"))
         await self.assert_refused(node, "cluster 'other' is not 'test'")
-
-    async def tls_link(self, node) -> Recorder:
-        """A TLS connection with a valid certificate, speaking raw bytes."""
-        d = self.certs()
-        creds = Credentials.load(d / "ca.pem", d / "n5.pem", d / "n5.key")
-        host, port = node.address.split(":")
-        factory = Factory.forProtocol(Recorder)
-        factory.connected = []
-        endpoint = wrapClientTLS(creds.client_options(host), TCP4ClientEndpoint(reactor, host, int(port)))
-        return await endpoint.connect(factory)
 
     async def test_malformed_frame(self) -> None:
         """Garbage inside a valid TLS link is a protocol violation: Goodbye, then close."""

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from .support import flatc_json
+
 from meshd.codec import Watchable
 from meshd.mesh.framing import Deframer, FrameTooLarge, frame
 from meshd.mesh.outbox import Outbox
@@ -124,23 +126,8 @@ class RoutedEncoderTests(unittest.SynchronousTestCase):
 
     def test_flatc_reads_it(self) -> None:
         """flatc's C++ reader turns an encoded Routed frame back into its fields."""
-        import json
-        import subprocess
-        import sys
-        import tempfile
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "schemas"))
-        import generate
-
         routed = Routed(origin=uuid4(), frame=b"MSH1abc", seq=42, kind=RouteKind.ChannelMessage, channel="c")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "routed.bin"
-            path.write_bytes(encode_routed(routed))
-            subprocess.run([generate.find_flatc(), "--json", "--strict-json", "--raw-binary", "-o", tmp,
-                            "-I", str(generate.SCHEMAS), str(generate.SCHEMAS / "mesh.fbs"), "--", str(path)],
-                           check=True)
-            parsed = json.loads((Path(tmp) / "routed.json").read_text())
+        parsed = flatc_json("mesh.fbs", encode_routed(routed))
         self.assertEqual(parsed["body_type"], "Routed")
         self.assertEqual((parsed["body"]["seq"], parsed["body"]["channel"]), (42, "c"))
         self.assertEqual(bytes(parsed["body"]["frame"]), b"MSH1abc")
