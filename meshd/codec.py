@@ -234,8 +234,8 @@ def decode(buf: bytes) -> Message:
 #
 # The generic builder above costs about 75 us per frame in Python; an event is
 # encoded for every publish.  encode_event writes the same Frame table with
-# struct, in one fixed layout (tests check it against the generated reader and
-# flatc's verifier):
+# struct, in one fixed layout (tests check it against the generated reader,
+# flatc's C++ reader, and the 8-byte alignment of the Uuid structs):
 #
 #   0   root offset -> T          4  "MSH1"          8  vtable (20 bytes)
 #   T   soffset to vtable, opcode u16, event_type u16, session (16, 8-aligned),

@@ -53,11 +53,16 @@ class Flusher:
         if self._call is None:
             self._call = self.clock.callLater(0, self.flush)
 
+    log = Logger()
+
     def flush(self) -> None:
         self._call = None
         dirty, self._dirty = self._dirty, []
         for session in dirty:
-            session.flush()
+            try:
+                session.flush()
+            except Exception:  # one broken connection must not stall the others
+                self.log.failure("Writing to {session} failed", session=session)
 
 
 @implementer(IPushProducer)
@@ -172,6 +177,8 @@ class Session:
             type(transport) is Server
             and transport.connected
             and not transport.disconnecting
+            and not transport._aborting
+            and not transport.TLS
             and not transport._tempDataLen
             and transport.offset == len(transport.dataBuffer)
         ):

@@ -208,3 +208,25 @@ class AuthTests(unittest.SynchronousTestCase):
         self.assertIsNone(auth.authenticate(""))
         self.assertIsNone(TokenAuthenticator({}).authenticate("x"))
         self.assertEqual(DevelopmentAuthenticator().authenticate("x"), "dev")
+
+
+class FlusherRobustnessTests(unittest.SynchronousTestCase):
+    def test_one_failing_connection_does_not_stall_others(self) -> None:
+        """If writing to one session raises, the others in the same turn are still written."""
+        clock = Clock()
+        flusher = Flusher(clock)
+        broken, fine = FakeWebSocket(), FakeWebSocket()
+
+        def explode(data):
+            raise OSError("boom")
+
+        broken.transport.write = explode
+        sessions = [Session(ws, clock=clock, flusher=flusher) for ws in (broken, fine)]
+        for s in sessions:
+            s.send(prepare(b"x"))
+        clock.advance(0)
+        self.assertEqual(len(fine.sent), 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        sessions[1].send(prepare(b"y"))
+        clock.advance(0)
+        self.assertEqual(len(fine.sent), 2)
