@@ -248,6 +248,8 @@ def main() -> None:
                 results.append(r)
                 if "fanout" in groups:
                     results.append(fanout(f"meshd fan-out @ S={s}", "meshd", s, work, duration))
+                    results.append(fanout(f"meshd fan-out, batch frames @ S={s}", "meshd", s, work, duration,
+                                          ["--batch"]))
         if "channels" in groups:
             results.append(fanout("meshd 1,000 channels x 10 @ S=1000", "meshd", 10_000, work, duration,
                                   ["--channels", "1000", "--window", "1000"]))

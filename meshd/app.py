@@ -24,7 +24,7 @@ from meshd.metrics import Metrics, MetricsResource
 from meshd.permissions import Policy
 from meshd.registry import Registry
 from meshd.session import Flusher, Session
-from meshd.state import NodeState
+from meshd.state import Batcher, NodeState
 from meshd.websocket import CLOSE_HELLO_TIMEOUT, MeshServerFactory
 
 
@@ -69,6 +69,7 @@ class Application(MultiService):
         self.mesh = None
         self._hello_timers: dict[Session, Any] = {}
         self.flusher = Flusher(self.clock)
+        self.state.batcher = Batcher(self.state, self.clock, self.flusher)
 
     def get_state(self) -> NodeState:
         return self.state

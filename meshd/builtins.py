@@ -66,8 +66,10 @@ def _welcome(request: Request, principal: Optional[str]) -> None:
         version=PROTOCOL_VERSION,
         principal=principal,
         max_message_size=app.config.max_message_size,
+        batch=request.message.batch,
     )
     session.principal = principal
+    session.batch = request.message.batch
     session.authenticated = principal is not None
     session.helloed = True
     app.registry.admit(session)

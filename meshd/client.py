@@ -41,6 +41,7 @@ from meshd.codec import (
     decode,
     encode,
     error_code_name,
+    unpack_batch,
 )
 from meshd.websocket import SUBPROTOCOL
 
@@ -145,13 +146,14 @@ class MeshClient:
         self.send(opcode, request_id=request_id, **fields)
         return d
 
-    def hello(self, token: Optional[str] = None) -> "Deferred[Message]":
+    def hello(self, token: Optional[str] = None, batch: bool = True) -> "Deferred[Message]":
+        """Say Hello; with ``batch`` (the default) the node may send Batch frames, unpacked here."""
         def welcomed(welcome: Message) -> Message:
             self.session_id, self.node_id = welcome.session, welcome.node
             self.principal, self.max_message_size = welcome.principal, welcome.max_message_size
             return welcome
 
-        d = self.request(Opcode.Hello, version=PROTOCOL_VERSION, token=token)
+        d = self.request(Opcode.Hello, version=PROTOCOL_VERSION, token=token, batch=batch)
         return d.addCallback(welcomed)
 
     def subscribe(self, channel: str) -> "Deferred[Message]":
@@ -216,12 +218,18 @@ class MeshClient:
         except ProtocolError as e:
             self.log.error("Dropping a bad frame from the node: {error}", error=e.message)
             return
-        if message.opcode == Opcode.Event:
-            for listener in list(self._listeners):
-                try:
-                    listener(message)
-                except Exception:
-                    self.log.failure("Event listener {listener} failed", listener=listener)
+        if message.opcode in (Opcode.Event, Opcode.Batch):
+            try:
+                events = unpack_batch(message) if message.opcode == Opcode.Batch else [message]
+            except ProtocolError as e:
+                self.log.error("Dropping a bad batch from the node: {error}", error=e.message)
+                return
+            for event in events:
+                for listener in list(self._listeners):
+                    try:
+                        listener(event)
+                    except Exception:
+                        self.log.failure("Event listener {listener} failed", listener=listener)
             return
         d = self._pending.pop(message.request_id, None)
         if message.opcode == Opcode.Error:

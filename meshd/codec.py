@@ -37,13 +37,16 @@ __all__ = [
     "Watchable",
     "decode",
     "encode",
+    "encode_batch",
     "encode_event",
+    "unpack_batch",
     "opcode_name",
     "event_type_name",
     "error_code_name",
 ]
 
 FILE_IDENTIFIER = b"MSH1"
+_U32 = struct.Struct("<I")
 PROTOCOL_VERSION = 1
 _U64 = (1 << 64) - 1
 
@@ -88,6 +91,7 @@ class Message:
     version: int = 0
     exclude_self: bool = False
     max_message_size: int = 0
+    batch: bool = False
 
 
 def _names(enum: type) -> dict[int, str]:
@@ -140,6 +144,7 @@ def encode(
     version: int = 0,
     exclude_self: bool = False,
     max_message_size: int = 0,
+    batch: bool = False,
 ) -> bytes:
     """Build one finished Frame buffer; fields left at their default are omitted."""
     size = 64 + (len(payload) if payload else 0) + (len(channel) * 4 if channel else 0)
@@ -181,6 +186,7 @@ def encode(
     F.AddVersion(b, version)
     F.AddExcludeSelf(b, exclude_self)
     F.AddMaxMessageSize(b, max_message_size)
+    F.AddBatch(b, batch)
     b.Finish(F.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
@@ -217,9 +223,32 @@ FRAME = fv.Table(
         fv.Field("version", fv.U16),
         fv.Field("exclude_self", fv.BOOL),
         fv.Field("max_message_size", fv.U32),
+        fv.Field("batch", fv.BOOL),
     ),
     lambda values: Message(**values),
 )
+
+
+def encode_batch(frames: "list[bytes]") -> bytes:
+    """A Batch frame carrying ``frames`` (complete Event frames), in order."""
+    entries = b"".join(_U32.pack(len(f)) + f for f in frames)
+    return encode(Opcode.Batch, payload=entries)
+
+
+def unpack_batch(message: Message) -> "list[Message]":
+    """The Event frames inside a decoded Batch frame; raise ProtocolError if they do not parse."""
+    data = message.payload or b""
+    out, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise ProtocolError(ErrorCode.Malformed, "malformed frame: truncated batch entry")
+        (length,) = _U32.unpack_from(data, at)
+        at += 4
+        if at + length > len(data):
+            raise ProtocolError(ErrorCode.Malformed, "malformed frame: batch entry out of bounds")
+        out.append(decode(data[at : at + length]))
+        at += length
+    return out
 
 
 def decode(buf: bytes) -> Message:
@@ -244,7 +273,6 @@ def decode(buf: bytes) -> Message:
 
 _VT = struct.Struct("<10H")
 _TABLE_HEAD = struct.Struct("<iHH")
-_U32 = struct.Struct("<I")
 _QQ = struct.Struct("<QQ")
 _WATCHABLE_VT = struct.Struct("<4H")
 _T = 32  # the table starts here: 8-aligned, after the 20-byte vtable and padding

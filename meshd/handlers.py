@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 Handler = Callable[["Request"], Any]
 
 #: Opcodes only nodes send; a client sending one gets UnknownOpcode.
-SERVER_OPCODES = frozenset({Opcode.Welcome, Opcode.Event, Opcode.Ack, Opcode.Error, Opcode.Pong})
+SERVER_OPCODES = frozenset({Opcode.Welcome, Opcode.Event, Opcode.Ack, Opcode.Error, Opcode.Pong, Opcode.Batch})
 
 
 class Request:

@@ -23,12 +23,14 @@ class Registry:
     deleted so that the maps hold only what has listeners.
     """
 
-    __slots__ = ("sessions", "members", "channels", "watchers", "listener")
+    __slots__ = ("sessions", "members", "channels", "batching", "watchers", "listener")
 
     def __init__(self) -> None:
         self.sessions: dict[UUID, Session] = {}
         self.members: set[Session] = set()
         self.channels: dict[str, set[Session]] = {}
+        #: The subscribers of each channel that take Batch frames (a subset).
+        self.batching: dict[str, set[Session]] = {}
         self.watchers: dict[Watchable, set[Session]] = {}
         #: Called with (channel, True) when a channel gets its first
         #: subscriber and (channel, False) when it loses its last.
@@ -71,6 +73,8 @@ class Registry:
             if self.listener is not None:
                 self.listener(channel, True)
         members.add(session)
+        if session.batch:
+            self.batching.setdefault(channel, set()).add(session)
         return True
 
     def unsubscribe(self, session: Session, channel: str) -> bool:
@@ -83,6 +87,8 @@ class Registry:
 
     def _unsubscribed(self, channel: str, session: Session) -> None:
         _discard(self.channels, channel, session)
+        if session.batch:
+            _discard(self.batching, channel, session)
         if channel not in self.channels and self.listener is not None:
             self.listener(channel, False)
 

@@ -86,6 +86,7 @@ class Session:
         "authenticated",
         "helloed",
         "hello_pending",
+        "batch",
         "channels",
         "watching",
         "max_backlog",
@@ -110,6 +111,7 @@ class Session:
         self.authenticated = False
         self.helloed = False
         self.hello_pending = False  # an authenticator is checking its token
+        self.batch = False  # takes Batch frames (said so in its Hello)
         self.channels: set[str] = set()
         self.watching: set[Watchable] = set()
         self.max_backlog = max_backlog

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from autobahn.websocket.protocol import PreparedMessage
 
-from meshd.codec import EventType, Watchable, encode_event
+from meshd.codec import EventType, Watchable, encode_batch, encode_event
 from meshd.fb.mesh.RouteKind import RouteKind
 from meshd.metrics import Metrics
 from meshd.registry import Registry
@@ -68,6 +68,18 @@ class Event:
             node=node_id,
         )
         self.prepared = prepare(self.frame)
+
+    @classmethod
+    def from_frame(cls, frame: bytes, channel: Optional[str] = None, watchable: WatchableLike = None) -> "Event":
+        """An Event around an already encoded frame (one that came from another node)."""
+        event = cls.__new__(cls)
+        event.event_type = 0
+        event.channel = channel
+        event.watchable = as_watchable(watchable)
+        event.origin_node = None
+        event.frame = frame
+        event.prepared = prepare(frame)
+        return event
 
     def __repr__(self) -> str:
         return f"<Event type={self.event_type} channel={self.channel!r} watchable={self.watchable}>"
@@ -119,7 +131,60 @@ class Clients:
             )
         if not local_only and state.router is not None:
             state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude)
-        return state.deliver(state.registry.subscribers(channel), frame, exclude)
+        return state.to_channel(channel, frame, exclude)
+
+
+class Batcher:
+    """Gathers, per channel, the events of one reactor turn for sessions that take Batch frames.
+
+    At the end of the turn each channel's events go to those sessions as one
+    Batch frame, encoded and framed once for all of them; a lone event goes
+    as the Event frame itself.  Sessions excluded from one of the events get
+    the others one by one instead.  Then the session flusher writes
+    everything, in the same turn.
+    """
+
+    __slots__ = ("state", "clock", "flusher", "_pending", "_call")
+
+    def __init__(self, state: "NodeState", clock, flusher=None) -> None:
+        self.state = state
+        self.clock = clock
+        self.flusher = flusher
+        self._pending: dict[str, list[tuple[Event, Optional[Session]]]] = {}
+        self._call = None
+
+    def add(self, channel: str, event: Event, skip: Optional[Session]) -> None:
+        entries = self._pending.get(channel)
+        if entries is None:
+            self._pending[channel] = [(event, skip)]
+            if self._call is None:
+                self._call = self.clock.callLater(0, self.flush)
+        else:
+            entries.append((event, skip))
+
+    def flush(self) -> None:
+        self._call = None
+        pending, self._pending = self._pending, {}
+        batching = self.state.registry.batching
+        sent = 0
+        for channel, entries in pending.items():
+            recipients = batching.get(channel)
+            if not recipients:
+                continue
+            if len(entries) == 1:
+                event, skip = entries[0]
+                sent += send_to(recipients, event.prepared, skip)
+                continue
+            skipped = {skip for _event, skip in entries if skip is not None}
+            batch = prepare(encode_batch([event.frame for event, _skip in entries]))
+            for session in tuple(recipients):
+                if session in skipped:
+                    sent += sum(session.send(e.prepared) for e, skip in entries if skip is not session)
+                elif session.send(batch):
+                    sent += len(entries)
+        self.state.metrics.deliveries += sent
+        if self.flusher is not None:
+            self.flusher.flush()
 
 
 class NodeState:
@@ -134,11 +199,17 @@ class NodeState:
         self.clients = Clients(self)
         #: The mesh, when this node is part of one (meshd.mesh.service.Mesh).
         self.router = None
+        #: Gathers channel events for sessions that take Batch frames (set by the app).
+        self.batcher: Optional[Batcher] = None
 
-    def deliver(self, sessions: Iterable[Session], event: Event, exclude_id: Optional[UUID] = None) -> int:
+    def deliver(self, sessions: Iterable[Session], event: Event, exclude_id: Optional[UUID] = None,
+                count_event: bool = True) -> int:
         """Send ``event`` to ``sessions`` but the one with id ``exclude_id``; count it."""
         sent = send_to(sessions, event.prepared, self.registry.get(exclude_id))
-        self.metrics.delivered(sent)
+        if count_event:
+            self.metrics.delivered(sent)
+        else:
+            self.metrics.deliveries += sent
         return sent
 
     def of_clients(self) -> Clients:
@@ -179,6 +250,19 @@ class NodeState:
         if exclude_id == self.node_id:
             return 0
         return self.deliver(self._listeners(frame.channel, frame.watchable), frame)
+
+    def to_channel(self, channel: str, event: Event, exclude_id: Optional[UUID] = None,
+                   count_event: bool = True) -> int:
+        """Deliver to this node's subscribers of ``channel``; batched for those that take batches."""
+        registry = self.registry
+        subscribers = registry.subscribers(channel)
+        batching = registry.batching.get(channel)
+        if not batching or self.batcher is None:
+            return self.deliver(subscribers, event, exclude_id, count_event)
+        skip = registry.get(exclude_id)
+        self.batcher.add(channel, event, skip)
+        queued = len(batching) - (skip in batching)
+        return self.deliver(subscribers - batching, event, exclude_id, count_event) + queued
 
     def _listeners(self, channel: Optional[str], watchable: Optional[Watchable]) -> Iterable[Session]:
         """Who a distributed event reaches here: see :meth:`distribute_event`."""
@@ -223,8 +307,13 @@ class NodeState:
         """Deliver an event that came from another node, by its bytes, to the sessions here."""
         registry = self.registry
         if routed.kind == RouteKind.ChannelMessage:
-            recipients = registry.subscribers(routed.channel) if routed.channel is not None else ()
-        elif routed.kind == RouteKind.WatcherNotification:
+            if routed.channel is None:
+                return 0
+            return self.to_channel(
+                routed.channel, Event.from_frame(routed.frame, routed.channel), routed.exclude_session,
+                count_event=False,
+            )
+        if routed.kind == RouteKind.WatcherNotification:
             recipients = registry.watchers_of(routed.watchable) if routed.watchable is not None else ()
         else:
             recipients = self._listeners(routed.channel, routed.watchable)

@@ -165,8 +165,15 @@ class Frame(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Frame
+    def Batch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(34))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def FrameStart(builder):
-    builder.StartObject(15)
+    builder.StartObject(16)
 
 def Start(builder):
     FrameStart(builder)
@@ -266,6 +273,12 @@ def FrameAddMaxMessageSize(builder, maxMessageSize):
 
 def AddMaxMessageSize(builder, maxMessageSize):
     FrameAddMaxMessageSize(builder, maxMessageSize)
+
+def FrameAddBatch(builder, batch):
+    builder.PrependBoolSlot(15, batch, 0)
+
+def AddBatch(builder, batch):
+    FrameAddBatch(builder, batch)
 
 def FrameEnd(builder):
     return builder.EndObject()

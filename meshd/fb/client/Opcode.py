@@ -16,4 +16,5 @@ class Opcode(object):
     Error = 10
     Ping = 11
     Pong = 12
+    Batch = 13
     UserFirst = 1024

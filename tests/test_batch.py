@@ -1,0 +1,94 @@
+"""Batch frames: a channel's events of one reactor turn in one message, for clients that ask."""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from meshd.codec import EventType, Opcode, ProtocolError, decode, encode, encode_batch, encode_event, unpack_batch
+
+from .support import NodeTestCase, raw_client, sleep
+
+
+class BatchDeliveryTests(NodeTestCase):
+    async def subscriber(self, batch: bool, channel: str = "room"):
+        raw = await raw_client(self, self.url)
+        raw.send(encode(Opcode.Hello, request_id=1, version=1, batch=batch))
+        raw.send(encode(Opcode.Subscribe, request_id=2, channel=channel))
+        frames = await raw.wait_frames(2)
+        self.assertEqual(frames[0].batch, batch, "Welcome says whether batches will come")
+        return raw
+
+    def events_of(self, raw) -> list:
+        out = []
+        for frame in raw.frames[2:]:
+            out += unpack_batch(frame) if frame.opcode == Opcode.Batch else [frame]
+        return out
+
+    async def test_one_turn_one_batch(self) -> None:
+        """Five events of a channel in one turn reach a batch client as one Batch, in order; others get five frames."""
+        app = await self.start_node()
+        batched, plain = await self.subscriber(True), await self.subscriber(False)
+        for i in range(5):
+            app.state.clients.broadcast_to_channel(None, "room", b"%d" % i)
+        await batched.wait_frames(3)
+        await plain.wait_frames(7)
+        self.assertEqual([f.opcode for f in batched.frames[2:]], [Opcode.Batch])
+        self.assertEqual([e.payload for e in self.events_of(batched)], [b"0", b"1", b"2", b"3", b"4"])
+        self.assertEqual([f.opcode for f in plain.frames[2:]], [Opcode.Event] * 5)
+        self.assertEqual([e.payload for e in self.events_of(plain)], [b"0", b"1", b"2", b"3", b"4"])
+
+    async def test_lone_event_is_a_plain_frame(self) -> None:
+        """A single event in a turn goes to a batch client as an ordinary Event frame."""
+        app = await self.start_node()
+        batched = await self.subscriber(True)
+        app.state.clients.broadcast_to_channel(None, "room", b"alone")
+        await batched.wait_frames(3)
+        self.assertEqual((batched.frames[2].opcode, batched.frames[2].payload), (Opcode.Event, b"alone"))
+
+    async def test_channels_batched_apart_and_exclusion(self) -> None:
+        """Each channel gets its own batch; a session excluded from one event gets the others singly."""
+        app = await self.start_node()
+        a, b = await self.subscriber(True), await self.subscriber(True)
+        other = await self.subscriber(True, channel="other")
+        session_b = [s for s in app.registry.sessions.values() if s.batch][1]
+        clients = app.state.clients
+        clients.broadcast_to_channel(None, "room", b"1")
+        clients.broadcast_to_channel(None, "room", b"2", exclude=session_b.id)
+        clients.broadcast_to_channel(None, "other", b"x")
+        clients.broadcast_to_channel(None, "room", b"3")
+        await a.wait_frames(3)
+        await other.wait_frames(3)
+        await sleep(0.1)
+        self.assertEqual([e.payload for e in self.events_of(a)], [b"1", b"2", b"3"])
+        self.assertEqual([e.payload for e in self.events_of(other)], [b"x"])
+        self.assertEqual([e.payload for e in self.events_of(b)], [b"1", b"3"])
+        self.assertEqual([f.opcode for f in b.frames[2:]], [Opcode.Event, Opcode.Event])
+
+    async def test_client_library_unpacks(self) -> None:
+        """meshd.client asks for batches and hands each event to listeners, in order."""
+        await self.start_node()
+        sub, pub = await self.client(), await self.client()
+        await sub.subscribe("room")
+        for i in range(20):
+            pub.publish("room", b"%d" % i, ack=False)
+        await pub.ping()
+        await self.settle(sub)
+        self.assertEqual([e.payload for e in sub.received], [b"%d" % i for i in range(20)])
+        self.assertTrue(self.app.registry.sessions[sub.session_id].batch)
+
+
+class BatchCodecTests(unittest.SynchronousTestCase):
+    def test_round_trip_and_bad_entries(self) -> None:
+        """unpack_batch returns the frames in order and refuses truncated or bad entries."""
+        frames = [encode_event(EventType.ChannelEvent, channel="c", payload=b"%d" % i) for i in range(3)]
+        batch = decode(encode_batch(frames))
+        self.assertEqual([m.payload for m in unpack_batch(batch)], [b"0", b"1", b"2"])
+        for payload in (b"\x05\x00\x00", b"\xff\x00\x00\x00abc", b"\x03\x00\x00\x00abc"):
+            with self.assertRaises(ProtocolError):
+                unpack_batch(decode(encode(Opcode.Batch, payload=payload)))
+
+    def test_clients_may_not_send_batches(self) -> None:
+        """Batch is a node-to-client opcode."""
+        from meshd.handlers import SERVER_OPCODES
+
+        self.assertIn(Opcode.Batch, SERVER_OPCODES)
