@@ -70,6 +70,7 @@ class Application(MultiService):
         self._hello_timers: dict[Session, Any] = {}
         self.flusher = Flusher(self.clock)
         self.state.batcher = Batcher(self.state, self.clock, self.flusher)
+        self.registry.before_batch_change = self.state.batcher.flush_channel
 
     def get_state(self) -> NodeState:
         return self.state

@@ -23,7 +23,7 @@ class Registry:
     deleted so that the maps hold only what has listeners.
     """
 
-    __slots__ = ("sessions", "members", "channels", "batching", "watchers", "listener")
+    __slots__ = ("sessions", "members", "channels", "batching", "watchers", "listener", "before_batch_change")
 
     def __init__(self) -> None:
         self.sessions: dict[UUID, Session] = {}
@@ -35,6 +35,8 @@ class Registry:
         #: Called with (channel, True) when a channel gets its first
         #: subscriber and (channel, False) when it loses its last.
         self.listener: Optional[Callable[[str, bool], None]] = None
+        #: Called with a channel just before its set of batch subscribers changes.
+        self.before_batch_change: Optional[Callable[[str], None]] = None
 
     def add(self, session: Session) -> None:
         if session.id in self.sessions:
@@ -72,9 +74,11 @@ class Registry:
             members = self.channels[channel] = set()
             if self.listener is not None:
                 self.listener(channel, True)
-        members.add(session)
         if session.batch:
+            if self.before_batch_change is not None:
+                self.before_batch_change(channel)
             self.batching.setdefault(channel, set()).add(session)
+        members.add(session)
         return True
 
     def unsubscribe(self, session: Session, channel: str) -> bool:
@@ -86,9 +90,11 @@ class Registry:
         return True
 
     def _unsubscribed(self, channel: str, session: Session) -> None:
-        _discard(self.channels, channel, session)
         if session.batch:
+            if self.before_batch_change is not None:
+                self.before_batch_change(channel)
             _discard(self.batching, channel, session)
+        _discard(self.channels, channel, session)
         if channel not in self.channels and self.listener is not None:
             self.listener(channel, False)
 

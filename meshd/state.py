@@ -137,19 +137,27 @@ class Clients:
 class Batcher:
     """Gathers, per channel, the events of one reactor turn for sessions that take Batch frames.
 
-    At the end of the turn each channel's events go to those sessions as one
-    Batch frame, encoded and framed once for all of them; a lone event goes
-    as the Event frame itself.  Sessions excluded from one of the events get
-    the others one by one instead.  Then the session flusher writes
-    everything, in the same turn.
+    At the end of the turn each channel's events go to those sessions as
+    Batch frames of at most :attr:`max_batch_bytes`, each encoded and framed
+    once for all of them; a lone event goes as the Event frame itself.
+    Sessions excluded from one of the events get the others one by one.
+    Then the session flusher writes everything, in the same turn.
+
+    A channel's pending events are delivered at once (:meth:`flush_channel`)
+    before its set of batch subscribers changes and before an event of the
+    channel is sent to them some other way, so that who gets an event and
+    in what order does not depend on the batching.
     """
 
-    __slots__ = ("state", "clock", "flusher", "_pending", "_call")
+    __slots__ = ("state", "clock", "flusher", "max_batch_bytes", "_pending", "_call")
 
-    def __init__(self, state: "NodeState", clock, flusher=None) -> None:
+    log = Logger()
+
+    def __init__(self, state: "NodeState", clock, flusher=None, max_batch_bytes: int = 256 * 1024) -> None:
         self.state = state
         self.clock = clock
         self.flusher = flusher
+        self.max_batch_bytes = max_batch_bytes
         self._pending: dict[str, list[tuple[Event, Optional[Session]]]] = {}
         self._call = None
 
@@ -162,29 +170,56 @@ class Batcher:
         else:
             entries.append((event, skip))
 
+    def flush_channel(self, channel: str) -> None:
+        """Deliver what is pending for ``channel`` now."""
+        entries = self._pending.pop(channel, None)
+        if entries:
+            self._deliver(channel, entries)
+
     def flush(self) -> None:
         self._call = None
         pending, self._pending = self._pending, {}
-        batching = self.state.registry.batching
+        try:
+            for channel, entries in pending.items():
+                try:
+                    self._deliver(channel, entries)
+                except Exception:  # one channel's failure must not cost the others theirs
+                    self.log.failure("Delivering a batch on {channel} failed", channel=channel)
+        finally:
+            if self.flusher is not None:
+                self.flusher.flush()
+
+    def _deliver(self, channel: str, entries: "list[tuple[Event, Optional[Session]]]") -> None:
+        recipients = self.state.registry.batching.get(channel)
+        if not recipients:
+            return
         sent = 0
-        for channel, entries in pending.items():
-            recipients = batching.get(channel)
-            if not recipients:
-                continue
-            if len(entries) == 1:
-                event, skip = entries[0]
+        for group in self._groups(entries):
+            if len(group) == 1:
+                event, skip = group[0]
                 sent += send_to(recipients, event.prepared, skip)
                 continue
-            skipped = {skip for _event, skip in entries if skip is not None}
-            batch = prepare(encode_batch([event.frame for event, _skip in entries]))
+            skipped = {skip for _event, skip in group if skip is not None}
+            batch = prepare(encode_batch([event.frame for event, _skip in group]))
             for session in tuple(recipients):
                 if session in skipped:
-                    sent += sum(session.send(e.prepared) for e, skip in entries if skip is not session)
+                    sent += sum(session.send(e.prepared) for e, skip in group if skip is not session)
                 elif session.send(batch):
-                    sent += len(entries)
+                    sent += len(group)
         self.state.metrics.deliveries += sent
-        if self.flusher is not None:
-            self.flusher.flush()
+
+    def _groups(self, entries):
+        """Split ``entries`` into runs whose Batch frame stays within max_batch_bytes."""
+        group, size = [], 0
+        for entry in entries:
+            cost = len(entry[0].frame) + 4
+            if group and size + cost > self.max_batch_bytes:
+                yield group
+                group, size = [], 0
+            group.append(entry)
+            size += cost
+        if group:
+            yield group
 
 
 class NodeState:
@@ -249,6 +284,8 @@ class NodeState:
             )
         if exclude_id == self.node_id:
             return 0
+        if frame.channel is not None and self.batcher is not None:
+            self.batcher.flush_channel(frame.channel)  # keep the channel's order for batch sessions
         return self.deliver(self._listeners(frame.channel, frame.watchable), frame)
 
     def to_channel(self, channel: str, event: Event, exclude_id: Optional[UUID] = None,
@@ -316,6 +353,8 @@ class NodeState:
         if routed.kind == RouteKind.WatcherNotification:
             recipients = registry.watchers_of(routed.watchable) if routed.watchable is not None else ()
         else:
+            if routed.channel is not None and self.batcher is not None:
+                self.batcher.flush_channel(routed.channel)
             recipients = self._listeners(routed.channel, routed.watchable)
         sent = send_to(recipients, prepare(routed.frame), registry.get(routed.exclude_session))
         self.metrics.deliveries += sent

@@ -92,3 +92,67 @@ class BatchCodecTests(unittest.SynchronousTestCase):
         from meshd.handlers import SERVER_OPCODES
 
         self.assertIn(Opcode.Batch, SERVER_OPCODES)
+
+
+class BatchEdgeTests(NodeTestCase):
+    async def batch_subscriber(self, channel: str = "room"):
+        raw = await raw_client(self, self.url)
+        raw.send(encode(Opcode.Hello, request_id=1, version=1, batch=True))
+        raw.send(encode(Opcode.Subscribe, request_id=2, channel=channel))
+        await raw.wait_frames(2)
+        return raw
+
+    def events(self, raw) -> list:
+        out = []
+        for frame in raw.frames:
+            if frame.opcode == Opcode.Batch:
+                out += [e.payload for e in unpack_batch(frame)]
+            elif frame.opcode == Opcode.Event:
+                out.append(frame.payload)
+        return out
+
+    async def test_big_turns_are_split(self) -> None:
+        """A turn's events larger than a batch's budget go in several Batch frames, all delivered."""
+        app = await self.start_node()
+        client = await self.client()
+        await client.subscribe("big")
+        for i in range(40):
+            app.state.clients.broadcast_to_channel(None, "big", bytes([i]) * 60_000)
+        for _ in range(200):
+            if len(client.received) == 40:
+                break
+            await sleep(0.02)
+        self.assertEqual([e.payload[0] for e in client.received], list(range(40)))
+
+    async def test_membership_is_decided_when_the_event_is_sent(self) -> None:
+        """A publish then an unsubscribe keeps the event; a publish then a subscribe does not get it."""
+        await self.start_node()
+        leaving = await self.batch_subscriber()
+        joining = await raw_client(self, self.url)
+        joining.send(encode(Opcode.Hello, request_id=1, version=1, batch=True))
+        await joining.wait_frames(1)
+        # Back to back on each connection: the node reads each pair in order.
+        leaving.send(encode(Opcode.Publish, request_id=3, channel="room", payload=b"mine"))
+        leaving.send(encode(Opcode.Unsubscribe, request_id=4, channel="room"))
+        await leaving.wait_frames(5)
+        joining.send(encode(Opcode.Publish, request_id=2, channel="room", payload=b"before joining"))
+        joining.send(encode(Opcode.Subscribe, request_id=3, channel="room"))
+        await joining.wait_frames(3)
+        await sleep(0.1)
+        self.assertEqual(self.events(leaving), [b"mine"])
+        self.assertEqual(self.events(joining), [])
+
+    async def test_distribute_keeps_the_channel_order(self) -> None:
+        """An event distributed on a channel comes after the channel's earlier, batched events."""
+        app = await self.start_node()
+        raw = await self.batch_subscriber()
+        state = app.state
+        state.clients.broadcast_to_channel(None, "room", b"1")
+        state.clients.broadcast_to_channel(None, "room", b"2")
+        state.distribute_event(state.event(EventType.NodeEvent, channel="room", payload=b"3"))
+        state.clients.broadcast_to_channel(None, "room", b"4")
+        for _ in range(100):
+            if len(self.events(raw)) == 4:
+                break
+            await sleep(0.02)
+        self.assertEqual(self.events(raw), [b"1", b"2", b"3", b"4"])
