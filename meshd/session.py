@@ -65,8 +65,43 @@ class Flusher:
                 self.log.failure("Writing to {session} failed", session=session)
 
 
+class TurnBacklog:
+    """Producer methods that count what is written while a transport stays full.
+
+    A transport pauses its producer when its buffer fills.  What is written
+    within the same reactor turn is not counted (the peer had no chance to
+    read it yet); from the next turn on, while the transport stays paused,
+    the writer adds each write's size to ``_backlog`` and judges the peer
+    slow past its own limit.  Users provide ``clock`` (``None``: count at
+    once), ``_counting``, ``_arming`` and ``_backlog``.
+    """
+
+    __slots__ = ()
+
+    def pauseProducing(self) -> None:
+        if self.clock is None:
+            self._start_counting()
+        elif self._arming is None:
+            self._arming = self.clock.callLater(0, self._start_counting)
+
+    def _start_counting(self) -> None:
+        self._arming = None
+        self._counting = True
+        self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        if self._arming is not None:
+            self._arming.cancel()
+            self._arming = None
+        self._counting = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
 @implementer(IPushProducer)
-class Session:
+class Session(TurnBacklog):
     """A connected client: identity, subscriptions, watches, and the way to reach it.
 
     The session registers itself as the streaming producer of its transport,
@@ -195,26 +230,3 @@ class Session:
     def send_frame(self, frame: bytes) -> bool:
         """Send one encoded frame to this session alone."""
         return self.send(prepare(frame))
-
-    # IPushProducer, called by the transport as its buffer fills and drains.
-
-    def pauseProducing(self) -> None:
-        if self.clock is None:
-            self._start_counting()
-        elif self._arming is None:
-            self._arming = self.clock.callLater(0, self._start_counting)
-
-    def _start_counting(self) -> None:
-        self._arming = None
-        self._counting = True
-        self._backlog = 0
-
-    def resumeProducing(self) -> None:
-        if self._arming is not None:
-            self._arming.cancel()
-            self._arming = None
-        self._counting = False
-        self._backlog = 0
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshd.mesh.framing import Deframer, FrameTooLarge, frame
+from meshd.session import TurnBacklog
 from meshd.mesh.wire import (
     Goodbye,
     GoodbyeCode,
@@ -55,7 +56,7 @@ ACK_EVERY_BYTES = 256 * 1024
 
 
 @implementer(IPushProducer)
-class Link(Protocol):
+class Link(TurnBacklog, Protocol):
     log = Logger()
     _machine = MethodicalMachine()
 
@@ -77,9 +78,10 @@ class Link(Protocol):
         self._ticker: Optional[LoopingCall] = None
         #: Random per dialed link; both ends use the dialer's to break ties.
         self.nonce = random.getrandbits(63) + 1 if dialed else 0
+        self.clock = mesh.clock
         self._counting = False  # the transport's buffer has stayed full past a reactor turn
         self._arming = None
-        self._paused_bytes = 0  # written since then
+        self._backlog = 0  # written since then (see TurnBacklog)
         self._pending: list[bytes] = []  # written at the end of the reactor turn
         #: What a ClientService sees of this link once it opened (LinkEndpoint).
         self.handle: Optional[Protocol] = None
@@ -195,13 +197,13 @@ class Link(Protocol):
             set_no_delay(True)
         self.transport.registerProducer(self, True)
         self._ticker = LoopingCall(self._tick)
-        self._ticker.clock = self.mesh.clock
+        self._ticker.clock = self.clock
         self._ticker.start(self.mesh.settings.heartbeat_interval, now=False)
         if self.dialed:
             self.send_hello()
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_received = self.mesh.clock.seconds()
+        self._last_received = self.clock.seconds()
         try:
             frames = self._deframer.feed(data)
         except FrameTooLarge as e:
@@ -241,8 +243,8 @@ class Link(Protocol):
         if self.closing:
             return
         if self._counting:
-            self._paused_bytes += len(data)
-            if self._paused_bytes > self.mesh.settings.queue_max_bytes:
+            self._backlog += len(data)
+            if self._backlog > self.mesh.settings.queue_max_bytes:
                 self.log.warn("{link}: the peer does not read; closing", link=self)
                 self.closing = True  # no Goodbye: it would not be read either
                 self.transport.unregisterProducer()
@@ -252,7 +254,7 @@ class Link(Protocol):
         pending.append(data)
         if len(pending) == 1:
             self.mesh.flusher.mark(self)
-        self._last_sent = self.mesh.clock.seconds()
+        self._last_sent = self.clock.seconds()
 
     def flush(self) -> None:
         """Write this turn's frames in one piece: one TLS record batch, one send()."""
@@ -261,31 +263,6 @@ class Link(Protocol):
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             self.transport.write(data)
-
-    # IPushProducer: the transport says when its buffer is full and drained.
-
-    # Like a session's (meshd.session), a burst written within one reactor
-    # turn is not held against the peer: only what is written while the
-    # buffer stays full on later turns counts.
-
-    def pauseProducing(self) -> None:
-        if self._arming is None:
-            self._arming = self.mesh.clock.callLater(0, self._start_counting)
-
-    def _start_counting(self) -> None:
-        self._arming = None
-        self._counting = True
-        self._paused_bytes = 0
-
-    def resumeProducing(self) -> None:
-        if self._arming is not None:
-            self._arming.cancel()
-            self._arming = None
-        self._counting = False
-        self._paused_bytes = 0
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
 
     @property
     def dial_nonce(self) -> int:
@@ -327,7 +304,7 @@ class Link(Protocol):
         self.goodbye(GoodbyeCode.ProtocolViolation, reason)
 
     def _tick(self) -> None:
-        now = self.mesh.clock.seconds()
+        now = self.clock.seconds()
         settings = self.mesh.settings
         if now - self._last_received > settings.heartbeat_timeout:
             self.log.warn(
