@@ -17,6 +17,12 @@ from twisted.internet import reactor
 
 
 class RelayProtocol(WebSocketServerProtocol):
+    def connectionMade(self) -> None:
+        # Autobahn reads this before copying the factory's options onto the
+        # protocol; set it first so that TCP_NODELAY really applies.
+        self.tcpNoDelay = self.factory.tcpNoDelay
+        super().connectionMade()
+
     def onConnect(self, request):
         return request.protocols[0] if request.protocols else None
 

@@ -32,6 +32,14 @@ class MeshServerProtocol(WebSocketServerProtocol):
     factory: "MeshServerFactory"
     session: "Optional[Session]" = None
 
+    def connectionMade(self) -> None:
+        # Autobahn sets TCP_NODELAY from ``self.tcpNoDelay`` before it copies
+        # the factory's options onto the protocol, so on its own the option
+        # never takes effect; without it Nagle's algorithm holds small event
+        # frames back until the client's delayed ACK (tens of milliseconds).
+        self.tcpNoDelay = self.factory.tcpNoDelay
+        super().connectionMade()
+
     def onConnect(self, request) -> str:
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(
