@@ -19,6 +19,16 @@ class FormationTests(MeshTestCase):
             self.assertEqual(len([l for l in n.mesh.links if not l.closing]), 2)
             self.assertEqual(set(n.mesh.peers), {o.app.node_id for o in nodes if o is not n})
 
+    async def test_links_do_not_wait_for_nagle(self) -> None:
+        """Both ends of a link send small frames at once (TCP_NODELAY on the socket)."""
+        import socket
+
+        a, b = await self.cluster_of(2)
+        for node in (a, b):
+            [link] = [l for l in node.mesh.links if not l.closing]
+            tcp = link.transport.transport  # under the TLS layer
+            self.assertEqual(tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1, node.name)
+
     async def test_simultaneous_dials_keep_one_link(self) -> None:
         """Two nodes that dial each other at once keep exactly one link, the same on both sides."""
         from .support import free_port
