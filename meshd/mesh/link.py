@@ -7,6 +7,11 @@ The lifecycle is a state machine (Automat)::
          |                   |
          +------lost---------+
 
+Entering ``open`` installs :meth:`_dispatch` as the handler of every frame
+but a LinkHello, so the frames of an open link (one per event that crosses
+it) skip the machine's per-input work; the machine still decides what a
+frame means before the link opens, and what a second hello means after.
+
 Both sides send a LinkHello, the dialer first.  The mesh checks it (cluster,
 version, not ourselves) before the link opens; anything else before the
 hello, a malformed frame, an oversize frame or a second hello is a protocol
@@ -85,6 +90,8 @@ class Link(TurnBacklog, Protocol):
         self._pending: list[bytes] = []  # written at the end of the reactor turn
         #: What a ClientService sees of this link once it opened (LinkEndpoint).
         self.handle: Optional[Protocol] = None
+        #: Where frames other than a LinkHello go: the machine, until the link opens.
+        self._on_frame = self._frame
 
     def __repr__(self) -> str:
         who = self.remote.node if self.remote else self.address or "?"
@@ -125,6 +132,7 @@ class Link(TurnBacklog, Protocol):
         self.remote = message
         if not self.dialed:
             self.send_hello()
+        self._on_frame = self._dispatch
         self.mesh.link_opened(self, message)
         if not self.closing:
             self.opened.callback(self)
@@ -140,6 +148,10 @@ class Link(TurnBacklog, Protocol):
 
     @_machine.output()
     def _handle(self, message) -> None:
+        self._dispatch(message)
+
+    def _dispatch(self, message) -> None:
+        """Act on a frame of an open link."""
         if isinstance(message, Routed):
             self.mesh.routed_received(self, message)
             self._unacked += 1
@@ -213,7 +225,7 @@ class Link(TurnBacklog, Protocol):
             if self.closing:
                 return
             try:
-                message = decode(raw)
+                message = decode(raw, self.peer.node if self.peer is not None else None)
             except Malformed as e:
                 self.violation(f"malformed frame: {e}")
                 return
@@ -226,7 +238,7 @@ class Link(TurnBacklog, Protocol):
                     return
                 self._hello(message)
             else:
-                self._frame(message)
+                self._on_frame(message)
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self._ticker is not None and self._ticker.running:

@@ -69,7 +69,7 @@ class Heartbeat:
     acked: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built and read for every event that crosses a link
 class Routed:
     origin: UUID
     frame: bytes
@@ -179,8 +179,15 @@ _FRAME = fv.Table(
 )
 
 
-def decode(buf: bytes) -> MeshFrame:
-    """Verify and decode one mesh Frame; raise :class:`Malformed` if it is not one."""
+def decode(buf: bytes, origin: Optional[UUID] = None) -> MeshFrame:
+    """Verify and decode one mesh Frame; raise :class:`Malformed` if it is not one.
+
+    ``origin``, the node a Routed frame is expected from, saves building
+    its UUID again when it matches.
+    """
+    routed = read_routed(buf, origin)
+    if routed is not None:
+        return routed
     return fv.read(buf, MESH_IDENTIFIER, _FRAME)
 
 
@@ -307,6 +314,60 @@ def encode_routed(routed: Routed) -> bytes:
         frame_at - (R + 56),
     )
     return b"".join((head, vtable, table, *parts))
+
+
+# Reading them back: a frame that starts with one of the eight head-and-vtable
+# prefixes encode_routed writes (channel, watchable and exclude_session each
+# present or not) has its fixed fields at fixed places; its strings, vectors
+# and tables are still followed and bounds-checked like any other.  Anything
+# else goes to the generic verifier, which accepts the same frames.
+
+
+def _routed_layouts() -> dict[bytes, tuple[bool, bool, bool]]:
+    head = _FRAME_HEAD.pack(16, MESH_IDENTIFIER, 8, 12, 8, 4, 16 - 8, _R - 20, Body.Routed)
+    layouts = {}
+    for channel in (False, True):
+        for watchable in (False, True):
+            for exclude in (False, True):
+                vtable = _ROUTED_VT.pack(18, _ROUTED_SIZE, 16, 8, 4, 48 if channel else 0,
+                                         52 if watchable else 0, 32 if exclude else 0, 56)
+                layouts[head + vtable] = (channel, watchable, exclude)
+    return layouts
+
+
+_ROUTED_LAYOUTS = _routed_layouts()
+
+
+def read_routed(buf: bytes, origin: Optional[UUID] = None) -> Optional[Routed]:
+    """Read a Routed frame laid out as :func:`encode_routed` lays it out, or return None."""
+    if len(buf) < _R + _ROUTED_SIZE:
+        return None
+    layout = _ROUTED_LAYOUTS.get(buf[:_R])
+    if layout is None:
+        return None
+    has_channel, has_watchable, has_exclude = layout
+    soffset, kind, seq, o_hi, o_lo, x_hi, x_lo, _c, _w, _f = _ROUTED_HEAD.unpack_from(buf, _R)
+    if soffset != _R - 28:
+        return None
+    o = (o_hi << 64) | o_lo
+    routed = Routed(
+        origin=origin if origin is not None and origin.int == o else UUID(int=o),
+        frame=_frame_bytes(buf),
+        seq=seq,
+        kind=kind,
+    )
+    if has_channel:
+        routed.channel = fv.string(buf, _R + 48, "Routed.channel")
+    if has_watchable:
+        routed.watchable = fv.read_table(buf, fv.follow(buf, _R + 52, "Routed.watchable"), WATCHABLE, 1)
+    if has_exclude:
+        routed.exclude_session = UUID(int=(x_hi << 64) | x_lo)
+    return routed
+
+
+def _frame_bytes(buf: bytes) -> bytes:
+    start, length = fv.vector(buf, _R + 56, "Routed.frame", 1)
+    return buf[start : start + length]
 
 
 def encode_interest(add=(), remove=()) -> bytes:
