@@ -61,6 +61,9 @@ class Table:
             for slot, f in enumerate(self.fields)
         )
         object.__setattr__(self, "plan", plan)
+        # Fields a short vtable leaves out are absent: only the required
+        # among them need a look.
+        object.__setattr__(self, "required", tuple((entry, what) for entry, _n, _k, _s, _r, _o, req, what in plan if req))
 
 
 def root(buf: bytes, identifier: bytes) -> int:
@@ -91,8 +94,15 @@ def read_table(buf: bytes, pos: int, table: Table, depth: int = 0) -> Any:
         raise Malformed(f"{table.name} vtable or table size out of bounds")
     values: dict[str, Any] = {}
     union_type = 0
-    for entry, name, kind, size, scalar, of, required, what in table.plan:
-        offset = _u16(buf, vtable + entry)[0] if entry < vt_size else 0
+    plan = table.plan
+    present = (vt_size - 4) >> 1
+    if present < len(plan):
+        for entry, what in table.required:
+            if entry >= vt_size:
+                raise Malformed(f"{what} is required")
+        plan = plan[:present]
+    for entry, name, kind, size, scalar, of, required, what in plan:
+        offset = _u16(buf, vtable + entry)[0]
         if not offset:
             if required:
                 raise Malformed(f"{what} is required")
