@@ -29,6 +29,23 @@ class FormationTests(MeshTestCase):
             tcp = link.transport.transport  # under the TLS layer
             self.assertEqual(tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1, node.name)
 
+    async def test_a_turns_frames_reach_the_kernel_in_that_turn(self) -> None:
+        """A link's flush hands its frames through TLS to the socket at once, not at a later poll."""
+        import socket
+
+        from meshd.mesh.wire import encode_heartbeat
+
+        a, b = await self.cluster_of(2)
+        for sender, receiver in ((a, b), (b, a)):
+            [link] = [l for l in sender.mesh.links if not l.closing]
+            [other] = [l for l in receiver.mesh.links if not l.closing]
+            peer_socket = other.transport.transport.getHandle()
+            await sleep(0.1)  # the receiver has read whatever was in flight
+            self.assertRaises(BlockingIOError, peer_socket.recv, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            link.send(encode_heartbeat(0))
+            sender.mesh.flusher.flush()  # the end of the sender's turn; no poll in between
+            self.assertTrue(peer_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT), sender.name)
+
     async def test_simultaneous_dials_keep_one_link(self) -> None:
         """Two nodes that dial each other at once keep exactly one link, the same on both sides."""
         from .support import free_port

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshd.mesh.framing import Deframer, FrameTooLarge, frame
+from meshd.mesh.tls import LinkTLSFactory
 from meshd.session import TurnBacklog
 from meshd.mesh.wire import (
     Goodbye,
@@ -275,6 +276,20 @@ class Link(TurnBacklog, Protocol):
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             self.transport.write(data)
+            self._push()
+
+    def _push(self) -> None:
+        """Hand the TLS records just written to the kernel now rather than at the next poll.
+
+        The TLS layer writes them to the TCP transport, which keeps them
+        until the reactor polls again and may first read and handle another
+        batch of publishes.  Writing while the socket takes data is what the
+        reactor would do next anyway; what the kernel does not take stays
+        buffered, and an error surfaces at the next poll as usual.
+        """
+        tcp = getattr(self.transport, "transport", None)
+        if tcp is not None and getattr(tcp, "_tempDataLen", 0) and tcp.connected and not tcp.disconnecting:
+            tcp.doWrite()
 
     @property
     def dial_nonce(self) -> int:
@@ -337,14 +352,17 @@ class LinkEndpoint:
     attempt and backs off, and only an open link counts as connected.
     """
 
-    def __init__(self, mesh: "Mesh", address: str, endpoint: IStreamClientEndpoint) -> None:
+    def __init__(self, mesh: "Mesh", address: str, endpoint: IStreamClientEndpoint, tls) -> None:
         self.mesh = mesh
         self.address = address
-        self.endpoint = endpoint
+        self.endpoint = endpoint  # TCP; TLS (``tls``, the client options) goes on top here
+        self.tls = tls
 
     def connect(self, factory) -> Deferred:
         links: list[Link] = []
-        connecting = self.endpoint.connect(LinkFactory(self.mesh, dialed=True, address=self.address))
+        connecting = self.endpoint.connect(
+            LinkTLSFactory(self.tls, True, LinkFactory(self.mesh, dialed=True, address=self.address))
+        ).addCallback(lambda tls: tls.wrappedProtocol)
 
         def cancel(_: Deferred) -> None:
             connecting.cancel()

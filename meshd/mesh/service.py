@@ -22,11 +22,10 @@ from twisted.application import strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from meshd.codec import Watchable
@@ -34,7 +33,7 @@ from meshd.config import MeshSettings, split_address
 from meshd.mesh.framing import FrameTooLarge, frame
 from meshd.mesh.link import Link, LinkEndpoint, LinkFactory
 from meshd.mesh.outbox import Outbox
-from meshd.mesh.tls import Credentials
+from meshd.mesh.tls import Credentials, LinkTLSFactory
 from meshd.session import Flusher
 from meshd.mesh.wire import (
     MESH_VERSION,
@@ -108,7 +107,7 @@ class Mesh(MultiService):
         self._expiry.clock = self.clock
         listener = strports.service(
             settings.listen,
-            TLSMemoryBIOFactory(credentials.server_options(), False, LinkFactory(self, dialed=False)),
+            LinkTLSFactory(credentials.server_options(), False, LinkFactory(self, dialed=False)),
         )
         listener.setName(f"mesh-listener:{settings.listen}")
         listener.setServiceParent(self)
@@ -152,11 +151,10 @@ class Mesh(MultiService):
         except ValueError as e:
             self.log.warn("Not dialing {address}: {error}", address=address, error=e)
             return
-        endpoint = wrapClientTLS(
-            self.credentials.client_options(host), HostnameEndpoint(self.clock, host, port, timeout=5)
-        )
         service = ClientService(
-            LinkEndpoint(self, address, endpoint),
+            LinkEndpoint(
+                self, address, HostnameEndpoint(self.clock, host, port, timeout=5), self.credentials.client_options(host)
+            ),
             Factory.forProtocol(Protocol),  # stands for the open link; see LinkEndpoint
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=self.settings.reconnect_max_delay),
             clock=self.clock,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -14,6 +15,17 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
     trustRootFromCertificates,
 )
+
+
+class LinkTLSFactory(TLSMemoryBIOFactory):
+    """TLS for links, without Twisted's aggregation of small writes.
+
+    A link already gathers its frames of one reactor turn into one write;
+    Twisted's default TLS transport would hold that write for one more
+    reactor iteration, which under load is a whole batch of publishes later.
+    """
+
+    protocol = TLSMemoryBIOProtocol
 
 
 class CredentialsError(ValueError):
