@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import struct
+import time
 from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -22,7 +24,7 @@ _U64 = struct.Struct(">Q")
 
 def mask(payload: bytes, opcode: int = 0x2) -> bytes:
     """A masked, final client frame (binary unless ``opcode`` says otherwise) carrying ``payload``."""
-    key = os.urandom(4)
+    key = random.getrandbits(32).to_bytes(4, "big")  # unpredictable enough for a load generator
     n = len(payload)
     first = 0x80 | opcode
     if n < 126:
@@ -37,7 +39,13 @@ def mask(payload: bytes, opcode: int = 0x2) -> bytes:
 
 
 class RawWebSocket(Protocol):
-    """Call ``on_message(payload)`` for each message; ``opened`` fires after the handshake."""
+    """Call ``on_message(payload)`` for each message; ``opened`` fires after the handshake.
+
+    ``RawWebSocket.read_at`` is the monotonic time (ns) at which the data
+    being handled was read: one clock reading per read, not per message.
+    """
+
+    read_at = 0
 
     def __init__(self, path: str = "/", subprotocol: Optional[str] = None,
                  on_message: Optional[Callable[[bytes], None]] = None) -> None:
@@ -69,7 +77,8 @@ class RawWebSocket(Protocol):
         self.transport.write(mask(payload))
 
     def dataReceived(self, data: bytes) -> None:
-        buffer = self._buffer + data
+        RawWebSocket.read_at = time.monotonic_ns()
+        buffer = self._buffer + data if self._buffer else data
         if not self._open:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:

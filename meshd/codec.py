@@ -329,7 +329,34 @@ def encode_event(
     session: Optional[UUID] = None,
     node: Optional[UUID] = None,
 ) -> bytes:
-    """An Event frame, equal in meaning to ``encode(Opcode.Event, ...)``, about 15x faster."""
+    """An Event frame, equal in meaning to ``encode(Opcode.Event, ...)``, about 15x faster.
+
+    Channel events differ from one publish to the next only in their
+    payload, which is laid out last: everything before it is kept per
+    (type, channel, session, node) and only the payload vector is added.
+    """
+    if watchable is None and payload is not None:
+        key = (event_type, channel, session.int if session is not None else None,
+               node.int if node is not None else None)
+        prefix = _EVENT_PREFIXES.get(key)
+        if prefix is None:
+            if len(_EVENT_PREFIXES) >= _EVENT_PREFIXES_MAX:
+                _EVENT_PREFIXES.clear()
+            # What comes before the payload: all but an empty payload's 4-byte length.
+            prefix = _EVENT_PREFIXES[key] = _encode_event(event_type, channel, None, b"", session, node)[:-4]
+        n = len(payload)
+        return b"".join((prefix, _U32.pack(n), payload, _PADDING[n & 3]))
+    return _encode_event(event_type, channel, watchable, payload, session, node)
+
+
+#: Event frames' leading bytes, by (type, channel, session, node); bounded.
+_EVENT_PREFIXES: dict = {}
+_EVENT_PREFIXES_MAX = 4096
+_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+def _encode_event(event_type: int, channel: Optional[str], watchable: Optional[Watchable],
+                  payload: Optional[bytes], session: Optional[UUID], node: Optional[UUID]) -> bytes:
     T = _T
     parts = []
     tail = T + _TABLE_SIZE

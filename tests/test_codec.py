@@ -110,6 +110,24 @@ class FastEventEncoderTests(unittest.SynchronousTestCase):
             root = int.from_bytes(fast[:4], "little")
             self.assertEqual((root + 8) % 8, 0, "the Uuid struct is 8-byte aligned")
 
+    def test_kept_prefixes(self) -> None:
+        """Events that share type, channel, session and node, with payloads of every length mod 4, all decode."""
+        from meshd import codec
+
+        session, node = UUID(int=5), UUID(int=6)
+        codec._EVENT_PREFIXES.clear()
+        for size in [0, 1, 2, 3, 4, 5, 130, 0, 7]:
+            payload = bytes(range(size))
+            frame = encode_event(EventType.ChannelEvent, channel="room", payload=payload, session=session, node=node)
+            self.assertEqual(len(frame) % 4, 0)
+            self.assertEqual(decode(frame), decode(encode(Opcode.Event, event_type=EventType.ChannelEvent,
+                                                          channel="room", payload=payload, session=session,
+                                                          node=node)))
+        self.assertEqual(len(codec._EVENT_PREFIXES), 1, "one prefix for them all")
+        for i in range(codec._EVENT_PREFIXES_MAX + 10):
+            encode_event(EventType.ChannelEvent, channel=f"c{i}", payload=b"x")
+        self.assertLessEqual(len(codec._EVENT_PREFIXES), codec._EVENT_PREFIXES_MAX, "bounded")
+
     def test_flatc_reads_it(self) -> None:
         """flatc's C++ reader turns an encode_event frame back into the same fields."""
         session, node = UUID(int=7), UUID(int=(1 << 127) + 9)

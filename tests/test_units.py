@@ -146,6 +146,18 @@ class FlusherTests(unittest.SynchronousTestCase):
         self.assertEqual(len(writes), 2)
 
 
+class PrepareTests(unittest.SynchronousTestCase):
+    def test_same_bytes_as_autobahn(self) -> None:
+        """prepare() frames exactly as Autobahn's PreparedMessage does, at every length boundary."""
+        from autobahn.websocket.protocol import PreparedMessage
+
+        for n in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+            frame = bytes(i % 251 for i in range(n))
+            ours, autobahns = prepare(frame), PreparedMessage(frame, True, False, True)
+            self.assertEqual(ours.payloadHybi, autobahns.payloadHybi, n)
+            self.assertTrue(ours.doNotCompress)
+
+
 class ProtocolWriteOrderTests(unittest.SynchronousTestCase):
     def test_autobahn_frames_follow_pending_events(self) -> None:
         """A close or ping frame Autobahn writes goes after the frames the session was already sent."""
