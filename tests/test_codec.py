@@ -25,9 +25,21 @@ from meshd.codec import (
 )
 from meshd.fb.client.Frame import Frame
 
+from meshd import flatverify as fv
+from meshd.codec import FILE_IDENTIFIER, FRAME
+
+from . import flatref
 from .support import flatc_json
 
 texts = st.text(max_size=40)
+
+
+def outcome(read, *args):
+    """What a reader makes of a buffer: the value, or its complaint."""
+    try:
+        return read(*args)
+    except fv.Malformed as e:
+        return ("malformed", str(e))
 uuids = st.builds(UUID, int=st.integers(min_value=0, max_value=(1 << 128) - 1))
 messages = st.builds(
     Message,
@@ -149,6 +161,33 @@ class HostileInputTests(unittest.SynchronousTestCase):
         self.assertEqual(caught.exception.code, ErrorCode.Malformed)
         self.assertIn(words, caught.exception.message)
 
+    def test_every_field_at_the_end_of_its_table(self) -> None:
+        """A field whose inline value would end one byte past its table is refused; at the end, it is read."""
+        import struct
+
+        full = encode(Opcode.Hello, request_id=1, channel="c", watchable=Watchable("k", "i"), payload=b"p",
+                      event_type=1, session=UUID(int=1), node=UUID(int=2), error_code=1, message="m", token="t",
+                      principal="p", version=1, exclude_self=True, max_message_size=9, batch=True)
+        table = struct.unpack_from("<I", full)[0]
+        vtable = table - struct.unpack_from("<i", full, table)[0]
+        vt_size, t_size = struct.unpack_from("<HH", full, vtable)
+        self.assertEqual(vt_size, 4 + 2 * len(FRAME.fields), "every field present")
+        sizes = {fv.U8: 1, fv.BOOL: 1, fv.U16: 2, fv.U32: 4, fv.U64: 8, fv.UUID_STRUCT: 16}
+        for slot, field in enumerate(FRAME.fields):
+            size = sizes.get(field.kind, 4)
+            for offset, refused in ((t_size - size, False), (t_size - size + 1, True)):
+                buf = bytearray(full)
+                struct.pack_into("<H", buf, vtable + 4 + 2 * slot, offset)
+                try:
+                    fv.read(bytes(buf), FILE_IDENTIFIER, FRAME)
+                    complaint = None
+                except fv.Malformed as e:
+                    complaint = str(e)
+                if refused:
+                    self.assertEqual(complaint, f"field Frame.{field.name} out of bounds")
+                else:
+                    self.assertNotEqual(complaint, f"field Frame.{field.name} out of bounds")
+
     def test_short_and_wrong_identifier(self) -> None:
         """Too-short buffers and other file identifiers are refused by name."""
         self.assertMalformed(b"", "too short")
@@ -219,7 +258,11 @@ class HostileInputTests(unittest.SynchronousTestCase):
     @settings(max_examples=2000, deadline=None)
     @given(messages, st.data())
     def test_mutated_frames(self, m: Message, data) -> None:
-        """Valid frames with random bytes overwritten never raise anything but ProtocolError."""
+        """Valid frames with random bytes overwritten never raise anything but ProtocolError.
+
+        The generated reader and the reference loop (tests/flatref.py) give
+        the same value or the same complaint.
+        """
         frame = bytearray(encode_message(m))
         for _ in range(data.draw(st.integers(1, 6))):
             at = data.draw(st.integers(0, len(frame) - 1))
@@ -228,3 +271,5 @@ class HostileInputTests(unittest.SynchronousTestCase):
             decode(bytes(frame))
         except ProtocolError:
             pass
+        self.assertEqual(outcome(fv.read, bytes(frame), FILE_IDENTIFIER, FRAME),
+                         outcome(flatref.read, bytes(frame), FILE_IDENTIFIER, FRAME))

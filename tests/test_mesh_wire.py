@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from . import flatref
 from .support import flatc_json
 
 from meshd.codec import Watchable
@@ -65,10 +66,19 @@ class WireTests(unittest.SynchronousTestCase):
         for _ in range(data.draw(st.integers(1, 6))):
             buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
         cut = data.draw(st.integers(0, len(buf)))
+        buf = bytes(buf[:cut] if data.draw(st.booleans()) else buf)
         try:
-            decode(bytes(buf[:cut] if data.draw(st.booleans()) else buf))
+            decode(buf)
         except Malformed:
             pass
+
+        def outcome(read):
+            try:
+                return read(buf, MESH_IDENTIFIER, _FRAME)
+            except Malformed as e:
+                return ("malformed", str(e))
+
+        self.assertEqual(outcome(fv.read), outcome(flatref.read), "the generated reader and the reference agree")
 
 
 def routed_by_builder(routed: Routed) -> bytes:
