@@ -46,7 +46,7 @@ from meshd.mesh.wire import (
     Routed,
     encode_interest,
     encode_peers,
-    encode_routed,
+    routed_frame,
 )
 
 if TYPE_CHECKING:
@@ -389,20 +389,20 @@ class Mesh(MultiService):
         """Send an event that originates here to the peers that need it; return how many."""
         if kind == RouteKind.WatcherNotification and not self.settings.forward_watchers:
             return 0
-        targets = [
-            p for p in self.peers.values()
-            if p.linked and p.node != exclude_node
-            and (kind != RouteKind.ChannelMessage or channel in p.interests)
-        ]
+        if kind == RouteKind.ChannelMessage:
+            targets = [p for p in self.peers.values() if p.linked and channel in p.interests
+                       and (exclude_node is None or p.node != exclude_node)]
+        else:
+            targets = [p for p in self.peers.values() if p.linked
+                       and (exclude_node is None or p.node != exclude_node)]
         if not targets:
             return 0
         self.seq += 1
-        routed = Routed(
-            origin=self.node_id, seq=self.seq, kind=kind, channel=channel, watchable=watchable,
-            exclude_session=exclude_session, frame=event.frame,
-        )
         try:
-            data = frame(encode_routed(routed), self.settings.max_frame_size)
+            data = frame(
+                routed_frame(self.node_id, self.seq, kind, event.frame, channel, watchable, exclude_session),
+                self.settings.max_frame_size,
+            )
         except FrameTooLarge as e:
             self.log.error("Not routing an event: {error}", error=e)
             return 0

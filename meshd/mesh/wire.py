@@ -29,7 +29,7 @@ __all__ = [
     "MESH_IDENTIFIER", "MESH_VERSION", "Body", "Cursor", "Goodbye", "GoodbyeCode", "Heartbeat",
     "Interest", "LinkHello", "Malformed", "Peer", "Peers", "RouteKind", "Routed", "decode",
     "encode_goodbye", "encode_heartbeat", "encode_hello", "encode_interest", "encode_peers",
-    "encode_routed",
+    "encode_routed", "read_routed", "routed_frame",
 ]
 
 MESH_IDENTIFIER = b"MSHM"
@@ -278,42 +278,55 @@ _R = 48
 _ROUTED_SIZE = 60
 
 
+def _routed_heads() -> dict[tuple[bool, bool, bool], bytes]:
+    """The frame head and Routed vtable, by which of channel, watchable and exclude_session are present."""
+    head = _FRAME_HEAD.pack(16, MESH_IDENTIFIER, 8, 12, 8, 4, 16 - 8, _R - 20, Body.Routed)
+    heads = {}
+    for channel in (False, True):
+        for watchable in (False, True):
+            for exclude in (False, True):
+                vtable = _ROUTED_VT.pack(18, _ROUTED_SIZE, 16, 8, 4, 48 if channel else 0,
+                                         52 if watchable else 0, 32 if exclude else 0, 56)
+                heads[channel, watchable, exclude] = head + vtable
+    return heads
+
+
+_ROUTED_HEADS = _routed_heads()
+
+
 def encode_routed(routed: Routed) -> bytes:
     """A mesh Frame holding ``routed``, equal in meaning to the generated builder's."""
+    return routed_frame(routed.origin, routed.seq, routed.kind, routed.frame, routed.channel, routed.watchable,
+                        routed.exclude_session)
+
+
+def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optional[str] = None,
+                 watchable: Optional[Watchable] = None, exclude_session: Optional[UUID] = None) -> bytes:
+    """:func:`encode_routed` from the fields themselves, for the routing path."""
     R = _R
     tail = R + _ROUTED_SIZE
-    parts = []
     channel_at = watchable_at = 0
-    if routed.channel is not None:
-        part = string_part(routed.channel)
-        channel_at, tail = tail, tail + len(part)
-        parts.append(part)
-    part = vector_part(routed.frame)
-    frame_at, tail = tail, tail + len(part)
-    parts.append(part)
-    if routed.watchable is not None:
-        part, watchable_at = watchable_part(routed.watchable, tail)
-        parts.append(part)
-    head = _FRAME_HEAD.pack(16, MESH_IDENTIFIER, 8, 12, 8, 4, 16 - 8, R - 20, Body.Routed)
-    vtable = _ROUTED_VT.pack(
-        18, _ROUTED_SIZE,
-        16,  # origin
-        8,  # seq
-        4,  # kind
-        48 if routed.channel is not None else 0,
-        52 if routed.watchable is not None else 0,
-        32 if routed.exclude_session is not None else 0,
-        56,  # frame
-    )
-    o = routed.origin.int
-    x = routed.exclude_session.int if routed.exclude_session is not None else 0
+    if channel is not None:
+        channel_part = string_part(channel)
+        channel_at, tail = tail, tail + len(channel_part)
+    else:
+        channel_part = b""
+    frame_part = vector_part(frame)
+    frame_at, tail = tail, tail + len(frame_part)
+    if watchable is not None:
+        watchable_part_, watchable_at = watchable_part(watchable, tail)
+    else:
+        watchable_part_ = b""
+    head = _ROUTED_HEADS[channel is not None, watchable is not None, exclude_session is not None]
+    o = origin.int
+    x = exclude_session.int if exclude_session is not None else 0
     table = _ROUTED_HEAD.pack(
-        R - 28, routed.kind, routed.seq, o >> 64, o & _U64, x >> 64, x & _U64,
-        channel_at - (R + 48) if routed.channel is not None else 0,
-        watchable_at - (R + 52) if routed.watchable is not None else 0,
+        R - 28, kind, seq, o >> 64, o & _U64, x >> 64, x & _U64,
+        channel_at - (R + 48) if channel is not None else 0,
+        watchable_at - (R + 52) if watchable is not None else 0,
         frame_at - (R + 56),
     )
-    return b"".join((head, vtable, table, *parts))
+    return b"".join((head, table, channel_part, frame_part, watchable_part_))
 
 
 # Reading them back: a frame that starts with one of the eight head-and-vtable
@@ -323,19 +336,7 @@ def encode_routed(routed: Routed) -> bytes:
 # else goes to the generic verifier, which accepts the same frames.
 
 
-def _routed_layouts() -> dict[bytes, tuple[bool, bool, bool]]:
-    head = _FRAME_HEAD.pack(16, MESH_IDENTIFIER, 8, 12, 8, 4, 16 - 8, _R - 20, Body.Routed)
-    layouts = {}
-    for channel in (False, True):
-        for watchable in (False, True):
-            for exclude in (False, True):
-                vtable = _ROUTED_VT.pack(18, _ROUTED_SIZE, 16, 8, 4, 48 if channel else 0,
-                                         52 if watchable else 0, 32 if exclude else 0, 56)
-                layouts[head + vtable] = (channel, watchable, exclude)
-    return layouts
-
-
-_ROUTED_LAYOUTS = _routed_layouts()
+_ROUTED_LAYOUTS = {head: present for present, head in _ROUTED_HEADS.items()}
 
 
 def read_routed(buf: bytes, origin: Optional[UUID] = None) -> Optional[Routed]:
