@@ -42,7 +42,7 @@ class Run:
         self.args = args
         self.meshd = args.target == "meshd"
         self.subscribers: list[RawWebSocket] = []
-        self.per_channel = args.subscribers // args.channels
+        self.per_channel = args.subscribers * args.subscriptions // args.channels
         #: Deliveries still due per sequence number (index 0 unused); a list
         #: indexes faster than a dict looks up, and nothing is ever removed.
         self.remaining = array("l", [0])
@@ -86,7 +86,9 @@ class Run:
         ws = await self.connect()
         if self.meshd:
             await self.meshd_request(ws, encode(Opcode.Hello, request_id=1, version=1, **self.hello_extra()))
-            await self.meshd_request(ws, encode(Opcode.Subscribe, request_id=2, channel=self.channel(index)))
+            for k in range(self.args.subscriptions):
+                channel = self.channel(index * self.args.subscriptions + k)
+                await self.meshd_request(ws, encode(Opcode.Subscribe, request_id=2 + k, channel=channel))
         ws.on_message = self.received
         return ws
 
@@ -222,6 +224,8 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--subscribers", type=int, default=100)
     p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--subscriptions", type=int, default=1,
+                   help="channels each subscriber subscribes to (meshd; spread evenly over --channels)")
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--rate", type=float, default=0, help="messages/s instead of a window")
     p.add_argument("--payload", type=int, default=128)

@@ -251,8 +251,13 @@ def main() -> None:
                     results.append(fanout(f"meshd fan-out, batch frames @ S={s}", "meshd", s, work, duration,
                                           ["--batch"]))
         if "channels" in groups:
-            results.append(fanout("meshd 1,000 channels x 10 @ S=1000", "meshd", 10_000, work, duration,
-                                  ["--channels", "1000", "--window", "1000"]))
+            # 1,000 channels with 10 subscribers each: the same 1,000 connections
+            # as the single channel (each in 10 channels), then 10,000
+            # connections in one channel each.
+            results.append(fanout("meshd 1,000 channels x 10, 1,000 connections @ S=1000", "meshd", 1000, work,
+                                  duration, ["--channels", "1000", "--subscriptions", "10", "--window", "1000"]))
+            results.append(fanout("meshd 1,000 channels x 10, 10,000 connections @ S=1000", "meshd", 10_000, work,
+                                  duration, ["--channels", "1000", "--window", "1000"]))
         if "idle" in groups:
             n = 1000 if args.quick else 5000
             results.append(idle(f"relay, {n} idle", "relay", n, work))

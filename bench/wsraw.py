@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import random
 import struct
 import time
 from typing import Callable, Optional
@@ -22,9 +21,14 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 
 
-def mask(payload: bytes, opcode: int = 0x2) -> bytes:
-    """A masked, final client frame (binary unless ``opcode`` says otherwise) carrying ``payload``."""
-    key = random.getrandbits(32).to_bytes(4, "big")  # unpredictable enough for a load generator
+def mask(payload: bytes, opcode: int = 0x2, key: bytes = b"\0\0\0\0") -> bytes:
+    """A masked, final client frame (binary unless ``opcode`` says otherwise) carrying ``payload``.
+
+    The load generator masks with a zero key unless given one: the server
+    unmasks every frame the same way whatever its key, and a load generator
+    on loopback has no proxy to protect, so the masking itself would only
+    spend the generator's time.
+    """
     n = len(payload)
     first = 0x80 | opcode
     if n < 126:
@@ -33,9 +37,10 @@ def mask(payload: bytes, opcode: int = 0x2) -> bytes:
         header = bytes([first, 0x80 | 126]) + _U16.pack(n)
     else:
         header = bytes([first, 0x80 | 127]) + _U64.pack(n)
+    if key == b"\0\0\0\0" or not n:
+        return header + key + payload
     repeated = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big") if n else b""
-    return header + key + masked
+    return header + key + (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
 
 
 class RawWebSocket(Protocol):
