@@ -181,6 +181,8 @@ class Application(MultiService):
         try:
             registration = lookup(self.handlers, session, message)
             result = registration.handler(request)
+            if result is None and not message.request_id:
+                return  # done, and nothing to answer (most publishes)
             if inspect.iscoroutine(result):
                 result = ensureDeferred(result)
             if not isinstance(result, Deferred):
