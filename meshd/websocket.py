@@ -87,46 +87,49 @@ class MeshServerProtocol(WebSocketServerProtocol):
         at = 0
         count = 0
         unusual = False
-        while at < end:
-            if buf[at] != _FINAL_BINARY:
-                unusual = True
-                break
-            if end - at < 2:
-                break
-            length = buf[at + 1] ^ 0x80  # the mask bit must be set
-            if length < 126:
-                start = at + 6
-            elif length == 126:
-                if end - at < 4:
-                    break
-                length = _U16.unpack_from(buf, at + 2)[0]
-                if length < 126:  # not the minimal encoding
+        try:
+            while at < end:
+                if buf[at] != _FINAL_BINARY:
                     unusual = True
                     break
-                start = at + 8
-            else:  # unmasked, or a 64-bit length
-                unusual = True
-                break
-            if length > limit:
-                unusual = True
-                break
-            stop = start + length
-            if stop > end:
-                break  # the rest of this frame has not arrived yet
-            payload = unmask(buf[start - 4 : start], buf[start:stop])
-            at = stop
-            count += 1
-            dispatch(session, payload)
-            if self.state != self.STATE_OPEN:
-                unusual = True  # closing: Autobahn deals with what follows
-                break
-        self.data = buf[at:] if at else buf
-        if count:
-            stats = self.trafficStats
-            stats.incomingWebSocketFrames += count
-            stats.incomingWebSocketMessages += count
-            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                self._cancelAutoPingTimeoutCall()
+                if end - at < 2:
+                    break
+                length = buf[at + 1] ^ 0x80  # the mask bit must be set
+                if length < 126:
+                    start = at + 6
+                elif length == 126:
+                    if end - at < 4:
+                        break
+                    length = _U16.unpack_from(buf, at + 2)[0]
+                    if length < 126:  # not the minimal encoding
+                        unusual = True
+                        break
+                    start = at + 8
+                else:  # unmasked, or a 64-bit length
+                    unusual = True
+                    break
+                if length > limit:
+                    unusual = True
+                    break
+                stop = start + length
+                if stop > end:
+                    break  # the rest of this frame has not arrived yet
+                payload = unmask(buf[start - 4 : start], buf[start:stop])
+                at = stop
+                count += 1
+                dispatch(session, payload)
+                if self.state != self.STATE_OPEN:
+                    unusual = True  # closing: Autobahn deals with what follows
+                    break
+        finally:
+            # Also when a dispatch raises: the rest of the read stays, from a frame boundary.
+            self.data = buf[at:] if at else buf
+            if count:
+                stats = self.trafficStats
+                stats.incomingWebSocketFrames += count
+                stats.incomingWebSocketMessages += count
+                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                    self._cancelAutoPingTimeoutCall()
         if unusual and self.data:
             self.consumeData()
 

@@ -187,6 +187,23 @@ class FastPathTests(unittest.SynchronousTestCase):
         self.assertEqual(answers(connection.written()), [("pong", i, i % 200) for i in range(1, 501)])
         self.assertEqual(parsed_by_autobahn, [], "whole binary frames take the fast path")
 
+    def test_a_raising_dispatch_leaves_the_stream_whole(self) -> None:
+        """If handling a message raises out of dispatch, the frames after it are still read, in order."""
+        connection = Connection()
+        dispatch = connection.app.dispatch
+
+        def failing(session, data):
+            if decode(data).request_id == 2:
+                raise RuntimeError("a bug")
+            dispatch(session, data)
+
+        connection.app.dispatch = failing
+        head = client_frame(ping(1)) + client_frame(ping(2)) + client_frame(ping(3))
+        tail = client_frame(ping(4))
+        self.assertRaises(RuntimeError, connection.feed, head + tail[:3])
+        connection.feed(tail[3:])
+        self.assertEqual(answers(connection.written()), [("pong", 1, 0), ("pong", 3, 0), ("pong", 4, 0)])
+
     def test_unmask_against_autobahn(self) -> None:
         """meshd's unmask agrees with Autobahn's masker for every length up to a few words."""
         from autobahn.websocket.xormasker import create_xor_masker
