@@ -19,9 +19,11 @@ import time
 from array import array
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.stdio import StandardIO
+from twisted.protocols.basic import LineReceiver
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from wsraw import RawWebSocket  # noqa: E402
@@ -30,6 +32,20 @@ from meshd.codec import Opcode, decode, encode  # noqa: E402
 
 MAGIC = b"MSHB"
 _HEAD = struct.Struct("<4sQQ")  # magic, seq, send time (monotonic ns)
+
+
+def _stdin_lines() -> DeferredQueue:
+    """Lines from standard input, as they come."""
+    queue: DeferredQueue = DeferredQueue()
+
+    class Lines(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            queue.put(line.decode().strip())
+
+    StandardIO(Lines())
+    return queue
 
 
 def payload_for(seq: int, size: int) -> bytes:
@@ -47,6 +63,8 @@ class Run:
         #: indexes faster than a dict looks up, and nothing is ever removed.
         self.remaining = array("l", [0])
         self.undelivered = 0  # messages some subscriber has not had yet
+        #: Each message delivered everywhere lets the next one go (no --rate, one process).
+        self.windowed = args.rate == 0 and args.role == "all"
         self.seq = 0
         self.measuring = False
         self.stopping = False
@@ -98,13 +116,27 @@ class Run:
     def channel(self, index: int) -> str:
         return f"bench.{index % self.args.channels}"
 
+    def expect_through(self, seq: int) -> None:
+        """(subscribe role) Messages up to ``seq`` were published by the publisher process."""
+        missing = seq + 1 - len(self.remaining)
+        if 0 < missing <= 10_000_000:
+            self.remaining.extend([self.per_channel] * missing)
+            self.undelivered += missing
+
     async def setup(self) -> None:
+        if self.args.role == "publish":
+            self.publisher = await self.connect(on_message=lambda data: None, port=self.args.publish_port)
+            if self.meshd:
+                await self.meshd_request(self.publisher, encode(Opcode.Hello, request_id=1, version=1))
+            return
         batch = 200
         for start in range(0, self.args.subscribers, batch):
             stop = min(start + batch, self.args.subscribers)
             self.subscribers += await gatherResults(
                 [ensureDeferred(self.subscriber(i)) for i in range(start, stop)]
             )
+        if self.args.role == "subscribe":
+            return
         self.publisher = await self.connect(on_message=lambda data: None, port=self.args.publish_port)
         if self.meshd:
             await self.meshd_request(self.publisher, encode(Opcode.Hello, request_id=1, version=1))
@@ -131,7 +163,8 @@ class Run:
         else:
             frame = data
         self.remaining.append(self.per_channel)
-        self.undelivered += 1
+        if self.per_channel:
+            self.undelivered += 1
         self.sent += 1
         if self.measuring:
             self.sent_measured += 1
@@ -144,6 +177,8 @@ class Run:
         at = data.find(MAGIC)
         while at >= 0:
             _magic, seq, sent_at = _HEAD.unpack_from(data, at)
+            if seq >= len(remaining) and self.args.role == "subscribe":
+                self.expect_through(seq)
             left = remaining[seq] if seq < len(remaining) else 0
             if left <= 0:
                 self.duplicates += 1
@@ -154,7 +189,7 @@ class Run:
                     self.latencies.append((now - sent_at) / 1000.0)
                 if left == 1:
                     self.undelivered -= 1
-                    if self.args.rate == 0 and not self.stopping:
+                    if self.windowed and not self.stopping:
                         self.publish()
             # A Batch frame holds several events; an Event frame one.
             at = data.find(MAGIC, at + _HEAD.size) if self.args.batch else -1
@@ -162,6 +197,8 @@ class Run:
     async def run(self) -> dict:
         await self.setup()
         print("READY", flush=True)
+        if self.args.role == "subscribe":
+            return await self.subscribe_only()
         if self.args.idle:
             await task.deferLater(reactor, self.args.duration, lambda: None)
             return {"connections": len(self.subscribers)}
@@ -182,12 +219,17 @@ class Run:
         self.stopping = True
         if self.args.rate:
             pacer.stop()
+        if self.args.role == "publish":
+            # The subscribers are another process: just let the last writes leave.
+            await task.deferLater(reactor, 0.2, lambda: None)
         # Let in-flight messages land, then count what never came.
         for _ in range(100):
             if not self.undelivered:
                 break
             await task.deferLater(reactor, 0.05, lambda: None)
-        lost = sum(self.remaining)
+        return self.results(elapsed, cpu, lost=sum(self.remaining))
+
+    def results(self, elapsed: float, cpu: float, lost: int) -> dict:
         lat = sorted(self.latencies)
         pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
         return {
@@ -201,6 +243,24 @@ class Run:
             "published": self.sent,
             "loadgen_cpu": cpu / elapsed,
         }
+
+    async def subscribe_only(self) -> dict:
+        """(subscribe role) Measure between MEASURE and STOP on stdin; PUBLISHED n ends the run."""
+        commands = _stdin_lines()
+        assert await commands.get() == "MEASURE"
+        cpu0, t0 = self.cpu(), time.monotonic()
+        self.measuring = True
+        assert await commands.get() == "STOP"
+        self.measuring = False
+        elapsed, cpu = time.monotonic() - t0, self.cpu() - cpu0
+        command, published = (await commands.get()).split()
+        assert command == "PUBLISHED"
+        self.expect_through(int(published))
+        for _ in range(100):
+            if not self.undelivered:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        return self.results(elapsed, cpu, lost=sum(self.remaining[: int(published) + 1]))
 
     def _paced(self) -> None:
         """Publish what is due at --rate messages per second since the start."""
@@ -234,6 +294,9 @@ def main() -> None:
     p.add_argument("--batch", action="store_true", help="ask meshd for batched frames")
     p.add_argument("--publish-port", type=int, default=0, help="publish through another node")
     p.add_argument("--idle", action="store_true", help="connect, hold for --duration, publish nothing")
+    p.add_argument("--role", choices=["all", "publish", "subscribe"], default="all",
+                   help="publish and subscribe in one process (the default), or only one of them: with "
+                        "--rate, a publisher process is not slowed down by receiving (see run.py)")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
