@@ -68,12 +68,9 @@ class Run:
         self.seq = 0
         self.measuring = False
         self.stopping = False
-        self.deliveries = 0
         self.measured = 0
         self.latencies = array("d")
         self.sent = 0
-        self.sent_measured = 0
-        self.expected = 0
         self.duplicates = 0
         self._started = None
         self._paced_count = 0
@@ -166,9 +163,6 @@ class Run:
         if self.per_channel:
             self.undelivered += 1
         self.sent += 1
-        if self.measuring:
-            self.sent_measured += 1
-            self.expected += self.per_channel
         self.publisher.send(frame)
 
     def received(self, data: bytes) -> None:

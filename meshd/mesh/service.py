@@ -389,12 +389,12 @@ class Mesh(MultiService):
         """Send an event that originates here to the peers that need it; return how many."""
         if kind == RouteKind.WatcherNotification and not self.settings.forward_watchers:
             return 0
-        if kind == RouteKind.ChannelMessage:
-            targets = [p for p in self.peers.values() if p.linked and channel in p.interests
-                       and (exclude_node is None or p.node != exclude_node)]
-        else:
-            targets = [p for p in self.peers.values() if p.linked
-                       and (exclude_node is None or p.node != exclude_node)]
+        by_interest = kind == RouteKind.ChannelMessage
+        targets = [
+            p for p in self.peers.values()
+            if p.linked and (not by_interest or channel in p.interests)
+            and (exclude_node is None or p.node != exclude_node)  # UUID == is Python-level: skip it when unused
+        ]
         if not targets:
             return 0
         self.seq += 1
