@@ -86,6 +86,30 @@ class RoutingTests(MeshTestCase):
                 self.assertEqual([p for p in got if p.startswith(b"%d-" % i)], [b"%d-%d" % (i, j) for j in range(20)])
         self.assertEqual(sum(n.app.metrics.mesh_duplicates for n in nodes), 0)
 
+    async def test_a_routed_event_is_delivered_by_its_bytes(self) -> None:
+        """The receiving node sends the event frame that crossed the link as it came, not re-encoded."""
+        from meshd.codec import Opcode, encode, encode_event
+        from meshd.state import Event
+
+        from .support import raw_client
+
+        a, b = await self.cluster_of(2)
+        client = await raw_client(self, b.url)
+        raw: list[bytes] = []
+        on_message = client.protocol.onMessage
+        client.protocol.onMessage = lambda payload, is_binary: (raw.append(payload), on_message(payload, is_binary))
+        client.send(encode(Opcode.Hello, request_id=1, version=1))
+        client.send(encode(Opcode.Subscribe, request_id=2, channel="c"))
+        await client.wait_frames(2)
+        await self.interest_settled([a, b], "c", [b])
+        # Built by the generic FlatBuffers builder: a node that decoded and
+        # re-encoded it would send encode_event's different layout.
+        frame = encode(Opcode.Event, event_type=EventType.ChannelEvent, channel="c", payload=b"as built")
+        self.assertNotEqual(frame, encode_event(EventType.ChannelEvent, channel="c", payload=b"as built"))
+        a.app.state.clients.broadcast_to_channel(None, "c", Event.from_frame(frame, "c"))
+        await client.wait_frames(3)
+        self.assertEqual(raw[-1], frame)
+
     async def test_channel_messages_follow_interest(self) -> None:
         """Channel messages go only to nodes with subscribers, and stop when they leave."""
         a, b, c = await self.cluster_of(3)
