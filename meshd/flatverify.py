@@ -48,8 +48,11 @@ class Field:
 class Table:
     name: str
     fields: tuple[Field, ...]
-    #: Turns the dict of present fields into the caller's value.
-    make: Callable[[dict], Any] = dict
+    #: Turns the dict of present fields into the caller's value; or, with
+    #: ``positional``, the tuple of every field's value in order, absent ones
+    #: as :data:`ABSENT` gives them (no dict is built: frames read per message).
+    make: Callable[..., Any] = dict
+    positional: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reader", _compile(self))
@@ -85,14 +88,31 @@ def read_table(buf: bytes, pos: int, table: Table, depth: int = 0) -> Any:
 
 _SCALAR_READERS = {U8: "_u8", U16: "_u16", U32: "_u32", U64: "_u64"}
 
+#: What a positional reader passes for an absent field, by kind: the
+#: FlatBuffers default of a scalar (every field of these schemas defaults to
+#: zero), None for the rest.
+ABSENT = {U8: 0, U16: 0, U32: 0, U64: 0, BOOL: False}
+
+#: Unpackers of a vtable's first k field offsets, for k up to 64.
+_OFFSETS = [struct.Struct(f"<{k}H").unpack_from for k in range(65)]
+
 
 def _compile(table: Table) -> Callable[[bytes, int, int], Any]:
+    count = len(table.fields)
+    if count > len(_OFFSETS) - 1:
+        raise ValueError(f"{table.name}: more than {len(_OFFSETS) - 1} fields")
+    if table.positional and any(f.kind in (UNION_TYPE, UNION) for f in table.fields):
+        raise ValueError(f"{table.name}: a positional table cannot hold a union")
     namespace: dict[str, Any] = {
         "Malformed": Malformed, "UUID": UUID, "_u8": _u8, "_u16": _u16, "_u16x2": _u16x2, "_u32": _u32,
         "_i32": _i32, "_u64": _u64, "_uuid_parts": _uuid_parts, "follow": follow, "vector": vector,
         "string": string, "make": table.make,
+        # The vtable's offsets are read in one call: all the fields', or the
+        # k there are (an older writer's) followed by zeros.
+        "offsets": _OFFSETS[count], "short": [(_OFFSETS[k], (0,) * (count - k)) for k in range(count)],
     }
     name = table.name
+    slots = [f"o{slot}" for slot in range(count)]
     lines = [
         "def reader(buf, pos, depth):",
         "    if depth > 8:",
@@ -106,37 +126,47 @@ def _compile(table: Table) -> Callable[[bytes, int, int], Any]:
         "    vt_size, t_size = _u16x2(buf, vtable)",
         "    if vt_size < 4 or vt_size % 2 or vtable + vt_size > n or pos + t_size > n:",
         f"        raise Malformed({name + ' vtable or table size out of bounds'!r})",
-        "    values = {}",
-        "    union_type = 0",
+        "    k = (vt_size - 4) >> 1",
+        f"    if k >= {count}:",
+        f"        {', '.join(slots)}, = offsets(buf, vtable + 4)",
+        "    else:",
+        "        unpack, zeros = short[k]",
+        f"        {', '.join(slots)}, = unpack(buf, vtable + 4) + zeros",
     ]
+    if table.positional:
+        lines += [f"    v{slot} = {ABSENT.get(f.kind)!r}" for slot, f in enumerate(table.fields)]
+    else:
+        lines += ["    values = {}", "    union_type = 0"]
     for slot, f in enumerate(table.fields):
-        entry = 4 + 2 * slot
         what = f"{name}.{f.name}"
         size = _INLINE_SIZE.get(f.kind, 4)
+        dest = f"v{slot}" if table.positional else f"values[{f.name!r}]"
         lines += [
-            f"    o = _u16(buf, vtable + {entry})[0] if vt_size > {entry} else 0",
+            f"    o = o{slot}",
             "    if o:",
             f"        if o < 4 or o + {size} > t_size:",
             f"            raise Malformed({'field ' + what + ' out of bounds'!r})",
             "        at = pos + o",
         ]
-        lines += ["        " + line for line in _read_field(f, what, namespace, slot)]
+        lines += ["        " + line for line in _read_field(f, what, namespace, slot, dest)]
         if f.required:
             lines += ["    else:", f"        raise Malformed({what + ' is required'!r})"]
-    lines.append("    return make(values)")
+    if table.positional:
+        lines.append(f"    return make(({''.join(f'v{slot}, ' for slot in range(count))}))")
+    else:
+        lines.append("    return make(values)")
     exec("\n".join(lines), namespace)  # noqa: S102 - source built above from the schema description
     return namespace["reader"]
 
 
-def _read_field(f: Field, what: str, namespace: dict, slot: int) -> list[str]:
-    key = repr(f.name)
+def _read_field(f: Field, what: str, namespace: dict, slot: int, dest: str) -> list[str]:
     kind = f.kind
     if kind in _SCALAR_READERS:
-        return [f"values[{key}] = {_SCALAR_READERS[kind]}(buf, at)[0]"]
+        return [f"{dest} = {_SCALAR_READERS[kind]}(buf, at)[0]"]
     if kind == BOOL:
-        return [f"values[{key}] = buf[at] != 0"]
+        return [f"{dest} = buf[at] != 0"]
     if kind == UUID_STRUCT:
-        return ["hi, lo = _uuid_parts(buf, at)", f"values[{key}] = UUID(int=(hi << 64) | lo)"]
+        return ["hi, lo = _uuid_parts(buf, at)", f"{dest} = UUID(int=(hi << 64) | lo)"]
     if kind in (STRING, BYTES):
         # follow() and vector() inline: same checks, same messages.
         extra = 1 if kind == STRING else 0
@@ -150,28 +180,28 @@ def _read_field(f: Field, what: str, namespace: dict, slot: int) -> list[str]:
             f"    raise Malformed({what + ' length out of bounds'!r})",
         ]
         if kind == BYTES:
-            return lines + [f"values[{key}] = bytes(buf[start : start + length])"]
+            return lines + [f"{dest} = bytes(buf[start : start + length])"]
         return lines + [
             "if buf[start + length] != 0:",
             f"    raise Malformed({what + ' is not NUL-terminated'!r})",
             "try:",
-            f"    values[{key}] = buf[start : start + length].decode('utf-8')",
+            f"    {dest} = buf[start : start + length].decode('utf-8')",
             "except UnicodeDecodeError:",
             f"    raise Malformed({what + ' is not valid UTF-8'!r}) from None",
         ]
     if kind == TABLE:
         namespace[f"read_{slot}"] = f.of.reader
-        return [f"values[{key}] = read_{slot}(buf, follow(buf, at, {what!r}), depth + 1)"]
+        return [f"{dest} = read_{slot}(buf, follow(buf, at, {what!r}), depth + 1)"]
     if kind == STRINGS:
         return [
             f"start, length = vector(buf, at, {what!r}, 4)",
-            f"values[{key}] = [string(buf, start + 4 * i, {what!r}) for i in range(length)]",
+            f"{dest} = [string(buf, start + 4 * i, {what!r}) for i in range(length)]",
         ]
     if kind == TABLES:
         namespace[f"read_{slot}"] = f.of.reader
         return [
             f"start, length = vector(buf, at, {what!r}, 4)",
-            f"values[{key}] = [read_{slot}(buf, follow(buf, start + 4 * i, {what!r}), depth + 1)"
+            f"{dest} = [read_{slot}(buf, follow(buf, start + 4 * i, {what!r}), depth + 1)"
             " for i in range(length)]",
         ]
     if kind == UNION_TYPE:
@@ -182,7 +212,7 @@ def _read_field(f: Field, what: str, namespace: dict, slot: int) -> list[str]:
             f"member = members_{slot}.get(union_type)",
             "if member is None:",
             f"    raise Malformed(f'{what}: unknown union member {{union_type}}')",
-            f"values[{key}] = member(buf, follow(buf, at, {what!r}), depth + 1)",
+            f"{dest} = member(buf, follow(buf, at, {what!r}), depth + 1)",
         ]
     raise ValueError(f"{what}: unknown field kind {kind}")
 

@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from twisted.logger import Logger
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.tcp import Server
+from twisted.internet.tcp import Client, Server
 from zope.interface import implementer
 
 if TYPE_CHECKING:
@@ -48,6 +48,37 @@ def prepare(frame: bytes) -> PreparedMessage:
 
 
 _new_prepared = object.__new__
+
+_PLAIN_TCP = (Server, Client)
+
+
+def write_now(transport, data: bytes) -> None:
+    """Write ``data`` to ``transport``, to the kernel at once when nothing is queued before it.
+
+    On a plain TCP connection whose Twisted buffer is empty this is one
+    ``send()`` system call, with no registration for write events (two
+    ``epoll_ctl`` calls otherwise) and no wait for the next poll; what the
+    kernel does not take, and anything on other transports, goes through
+    ``transport.write`` as usual.
+    """
+    if (
+        type(transport) in _PLAIN_TCP
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+        and not transport.TLS
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # else the connection is gone: the buffered write fails again at the
+        # next poll, where the reactor closes the connection, also when it
+        # no longer reads from it.
+    transport.write(data)
 
 
 class Flusher:
@@ -215,37 +246,15 @@ class Session(TurnBacklog):
         return True
 
     def flush(self) -> None:
-        """Write what was sent to this session in this reactor turn, in one piece.
-
-        On a plain TCP connection whose Twisted buffer is empty this is one
-        ``send()`` system call, with no registration for write events; what
-        the kernel does not take, and anything on other transports, goes
-        through ``transport.write`` as usual.
-        """
+        """Write what was sent to this session in this reactor turn, in one piece (:func:`write_now`)."""
         pending = self._pending
         if not pending:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         transport = self.protocol.transport
-        if transport is None:
-            return
-        if (
-            type(transport) is Server
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._aborting
-            and not transport.TLS
-            and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer)
-        ):
-            sent = transport.writeSomeData(data)
-            if not isinstance(sent, int):  # the connection is gone; Twisted will notice
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        if transport is not None:
+            write_now(transport, data)
 
     def send_frame(self, frame: bytes) -> bool:
         """Send one encoded frame to this session alone."""

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from meshd.flatverify import (
     BOOL, BYTES, STRING, STRINGS, TABLE, TABLES, U8, U16, U32, U64, UNION, UNION_TYPE, UUID_STRUCT,
-    Malformed, Table, _i32, _u8, _u16, _u16x2, _u32, _u64, _uuid_parts, follow, root, string, vector,
+    ABSENT, Malformed, Table, _i32, _u8, _u16, _u16x2, _u32, _u64, _uuid_parts, follow, root, string, vector,
 )
 
 _INLINE_SIZE = {U8: 1, BOOL: 1, U16: 2, U32: 4, U64: 8, UUID_STRUCT: 16, UNION_TYPE: 1}
@@ -75,4 +75,6 @@ def read_table(buf: bytes, pos: int, table: Table, depth: int = 0) -> Any:
             if member is None:
                 raise Malformed(f"{what}: unknown union member {union_type}")
             values[name] = read_table(buf, follow(buf, at, what), member[1], depth + 1)
+    if table.positional:
+        return table.make(tuple(values.get(f.name, ABSENT.get(f.kind)) for f in table.fields))
     return table.make(values)

@@ -62,7 +62,7 @@ messages = st.builds(
 
 
 def encode_message(m: Message) -> bytes:
-    fields = {k: getattr(m, k) for k in Message.__dataclass_fields__ if k != "opcode"}
+    fields = {k: getattr(m, k) for k in Message._fields if k != "opcode"}
     return encode(m.opcode, **fields)
 
 
