@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import struct
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.task import Clock
@@ -242,3 +244,56 @@ class FlusherRobustnessTests(unittest.SynchronousTestCase):
         sessions[1].send(prepare(b"y"))
         clock.advance(0)
         self.assertEqual(len(fine.sent), 2)
+
+
+class WriteNowTests(unittest.TestCase):
+    """write_now() on real sockets: straight to the kernel, and a dead peer still noticed."""
+
+    async def connected_pair(self):
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                self.lost = Deferred()
+                accepted.callback(self)
+
+            def connectionLost(self, reason) -> None:
+                self.lost.callback(reason.type)
+
+        accepted: Deferred = Deferred()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Server))
+        self.addCleanup(port.stopListening)
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Protocol))
+        server = await accepted
+        self.addCleanup(lambda: server.transport.abortConnection() if server.transport.connected else None)
+        return client, server
+
+    async def test_written_at_once(self) -> None:
+        """Nothing waits in Twisted's buffer for the next poll when the kernel takes it all."""
+        from meshd.session import write_now
+
+        _client, server = await self.connected_pair()
+        write_now(server.transport, b"x" * 1000)
+        self.assertEqual(server.transport._tempDataLen, 0)
+        self.assertEqual(len(server.transport.dataBuffer), 0)
+
+    async def test_dead_peer_noticed_without_reading(self) -> None:
+        """A connection whose peer is gone is closed by the reactor, also when nothing reads from it."""
+        from twisted.internet import reactor
+        from twisted.internet.error import ConnectionLost
+        from twisted.internet.task import deferLater
+
+        from meshd.session import write_now
+
+        client, server = await self.connected_pair()
+        server.transport.stopReading()  # as a paused link or session: only writing can notice
+        client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.transport.loseConnection()  # with SO_LINGER 0: a reset
+        await deferLater(reactor, 0.1, lambda: None)
+        for _ in range(3):
+            write_now(server.transport, b"x" * 100)
+        self.assertTrue(issubclass(await server.lost.addTimeout(5, reactor), ConnectionLost))

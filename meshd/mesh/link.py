@@ -267,29 +267,15 @@ class Link(TurnBacklog, Protocol):
         pending.append(data)
         if len(pending) == 1:
             self.mesh.flusher.mark(self)
-        self._last_sent = self.clock.seconds()
 
     def flush(self) -> None:
-        """Write this turn's frames in one piece: one TLS record batch, one send()."""
+        """Write this turn's frames in one piece: one TLS record batch, one send() (LinkTLSProtocol)."""
         pending = self._pending
         if pending and self.transport is not None:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             self.transport.write(data)
-            self._push()
-
-    def _push(self) -> None:
-        """Hand the TLS records just written to the kernel now rather than at the next poll.
-
-        The TLS layer writes them to the TCP transport, which keeps them
-        until the reactor polls again and may first read and handle another
-        batch of publishes.  Writing while the socket takes data is what the
-        reactor would do next anyway; what the kernel does not take stays
-        buffered, and an error surfaces at the next poll as usual.
-        """
-        tcp = getattr(self.transport, "transport", None)
-        if tcp is not None and getattr(tcp, "_tempDataLen", 0) and tcp.connected and not tcp.disconnecting:
-            tcp.doWrite()
+            self._last_sent = self.clock.seconds()
 
     @property
     def dial_nonce(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from OpenSSL.SSL import WantReadError
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.internet.ssl import (
     Certificate,
@@ -16,6 +17,25 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
+from meshd.session import write_now
+
+
+class LinkTLSProtocol(TLSMemoryBIOProtocol):
+    """TLS for a link, whose records go to the kernel as soon as they are made.
+
+    Twisted's TLS layer writes its records to the TCP transport, which
+    keeps them until the reactor polls again (and meanwhile may read and
+    handle another batch of publishes), registering for write events and
+    unregistering once written: two ``epoll_ctl`` calls per write.
+    """
+
+    def _flushSendBIO(self) -> None:
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except WantReadError:  # nothing to send
+            return
+        write_now(self.transport, data)
+
 
 class LinkTLSFactory(TLSMemoryBIOFactory):
     """TLS for links, without Twisted's aggregation of small writes.
@@ -25,7 +45,7 @@ class LinkTLSFactory(TLSMemoryBIOFactory):
     reactor iteration, which under load is a whole batch of publishes later.
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = LinkTLSProtocol
 
 
 class CredentialsError(ValueError):
