@@ -43,7 +43,7 @@ def as_watchable(value: WatchableLike) -> Optional[Watchable]:
 class Event:
     """One event, encoded and framed once, ready to be sent to any number of sessions."""
 
-    __slots__ = ("frame", "prepared", "event_type", "channel", "watchable", "origin_node")
+    __slots__ = ("frame", "_prepared", "event_type", "channel", "watchable", "origin_node")
 
     def __init__(
         self,
@@ -67,7 +67,7 @@ class Event:
             session=session_id,
             node=node_id,
         )
-        self.prepared = prepare(self.frame)
+        self._prepared = None
 
     @classmethod
     def from_frame(cls, frame: bytes, channel: Optional[str] = None, watchable: WatchableLike = None) -> "Event":
@@ -78,8 +78,16 @@ class Event:
         event.watchable = as_watchable(watchable)
         event.origin_node = None
         event.frame = frame
-        event.prepared = prepare(frame)
+        event._prepared = None
         return event
+
+    @property
+    def prepared(self) -> PreparedMessage:
+        """The event as one WebSocket message, framed when first sent (a node may only forward it)."""
+        prepared = self._prepared
+        if prepared is None:
+            prepared = self._prepared = prepare(self.frame)
+        return prepared
 
     def __repr__(self) -> str:
         return f"<Event type={self.event_type} channel={self.channel!r} watchable={self.watchable}>"
@@ -240,7 +248,7 @@ class NodeState:
     def deliver(self, sessions: Iterable[Session], event: Event, exclude_id: Optional[UUID] = None,
                 count_event: bool = True) -> int:
         """Send ``event`` to ``sessions`` but the one with id ``exclude_id``; count it."""
-        sent = send_to(sessions, event.prepared, self.registry.get(exclude_id))
+        sent = send_to(sessions, event.prepared, self.registry.get(exclude_id)) if sessions else 0
         if count_event:
             self.metrics.delivered(sent)
         else:

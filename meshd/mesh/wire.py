@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -300,6 +301,10 @@ def encode_routed(routed: Routed) -> bytes:
                         routed.exclude_session)
 
 
+#: A channel name as a FlatBuffers string, for the channels routed recently.
+_channel_part = functools.lru_cache(maxsize=4096)(string_part)
+
+
 def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optional[str] = None,
                  watchable: Optional[Watchable] = None, exclude_session: Optional[UUID] = None) -> bytes:
     """:func:`encode_routed` from the fields themselves, for the routing path."""
@@ -307,7 +312,7 @@ def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optio
     tail = R + _ROUTED_SIZE
     channel_at = watchable_at = 0
     if channel is not None:
-        channel_part = string_part(channel)
+        channel_part = _channel_part(channel)
         channel_at, tail = tail, tail + len(channel_part)
     else:
         channel_part = b""
