@@ -227,18 +227,26 @@ def follow(buf: bytes, at: int, what: str) -> int:
 
 def vector(buf: bytes, at: int, what: str, element_size: int, extra: int = 0) -> tuple[int, int]:
     """Follow the offset at ``at`` to a length-prefixed vector; return (start, length)."""
-    target = follow(buf, at, what)
-    if target + 4 > len(buf):
+    n = len(buf)
+    target = at + _u32(buf, at)[0]  # follow(), with its check folded into the next
+    if target + 4 > n:
         raise Malformed(f"{what} out of bounds")
     length = _u32(buf, target)[0]
     start = target + 4
-    if start + length * element_size + extra > len(buf):
+    if start + length * element_size + extra > n:
         raise Malformed(f"{what} length out of bounds")
     return start, length
 
 
 def string(buf: bytes, at: int, what: str) -> str:
-    start, length = vector(buf, at, what, 1, extra=1)  # strings end with a NUL byte
+    n = len(buf)
+    target = at + _u32(buf, at)[0]  # vector(), inline: strings are read for every routed frame
+    if target + 4 > n:
+        raise Malformed(f"{what} out of bounds")
+    length = _u32(buf, target)[0]
+    start = target + 4
+    if start + length + 1 > n:  # strings end with a NUL byte
+        raise Malformed(f"{what} length out of bounds")
     if buf[start + length] != 0:
         raise Malformed(f"{what} is not NUL-terminated")
     try:

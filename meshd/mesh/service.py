@@ -422,7 +422,7 @@ class Mesh(MultiService):
 
     def routed_received(self, link: Link, routed: Routed) -> None:
         peer = link.peer
-        if routed.origin != peer.node:
+        if routed.origin is not peer.node and routed.origin != peer.node:  # decode() reuses peer.node
             link.violation(f"routed frame from {routed.origin}, not from the linked node {peer.node}")
             return
         if routed.seq <= peer.received_seq:

@@ -356,12 +356,8 @@ def read_routed(buf: bytes, origin: Optional[UUID] = None) -> Optional[Routed]:
     if soffset != _R - 28:
         return None
     o = (o_hi << 64) | o_lo
-    routed = Routed(
-        origin=origin if origin is not None and origin.int == o else UUID(int=o),
-        frame=_frame_bytes(buf),
-        seq=seq,
-        kind=kind,
-    )
+    # Positional: a class called with keywords builds a dict for them.
+    routed = Routed(origin if origin is not None and origin.int == o else UUID(int=o), _frame_bytes(buf), seq, kind)
     if has_channel:
         routed.channel = fv.string(buf, _R + 48, "Routed.channel")
     if has_watchable:
