@@ -42,6 +42,49 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def proc_sched(pid: int) -> tuple[int, int]:
+    """Nanoseconds spent waiting for a CPU while runnable, and how many times the process got one."""
+    _run, wait, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(wait), int(slices)
+
+
+def machine_cpu() -> list[int]:
+    """The machine's CPU time counters (/proc/stat): user, nice, system, idle, iowait, irq, softirq, steal."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+class Window:
+    """CPU share and wait for a CPU of some processes over the measuring window."""
+
+    def __init__(self, servers: "list[Server]", loadgens: "list[subprocess.Popen]") -> None:
+        self.servers, self.loadgens = servers, loadgens
+        self.t0 = time.monotonic()
+        self.cpu = {s.proc.pid: proc_cpu(s.proc.pid) for s in servers}
+        self.sched = {p: proc_sched(p) for p in self.pids()}
+        self.machine = machine_cpu()
+
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self.servers] + [g.pid for g in self.loadgens]
+
+    def close(self) -> dict:
+        elapsed = time.monotonic() - self.t0
+        waits = {}
+        for pid in self.pids():
+            (w0, n0), (w1, n1) = self.sched[pid], proc_sched(pid)
+            waits[pid] = (w1 - w0) / max(n1 - n0, 1) / 1000
+        machine = [b - a for a, b in zip(self.machine, machine_cpu())]
+        return {
+            "server_cpu": {s.kind + str(s.port): (proc_cpu(s.proc.pid) - self.cpu[s.proc.pid]) / elapsed
+                           for s in self.servers},
+            "server_rss_mib": {s.kind + str(s.port): proc_rss_kib(s.proc.pid) / 1024 for s in self.servers},
+            # Mean time a process waited for a CPU each time it became runnable:
+            # with more busy processes than CPUs, every hop of a message pays it.
+            "cpu_wait_us": [waits[pid] for pid in self.pids()],
+            # The share of the machine's time the hypervisor gave to others.
+            "steal": machine[7] / max(sum(machine), 1),
+        }
+
+
 def proc_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -100,20 +143,15 @@ def load(port: int, target: str, extra: list[str], servers: list[Server], timeou
     """Run the load generator; sample the servers' CPU over its measuring window."""
     argv = [sys.executable, str(HERE / "loadgen.py"), "--target", target, "--port", str(port), *extra]
     gen = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cpu_start = {}
-    t0 = None
+    window = None
     out = {}
     deadline = time.monotonic() + timeout
     for line in gen.stdout:
         line = line.strip()
         if line == "MEASURING":
-            t0 = time.monotonic()
-            cpu_start = {s.proc.pid: proc_cpu(s.proc.pid) for s in servers}
-        elif line == "MEASURED" and t0 is not None:
-            elapsed = time.monotonic() - t0
-            out["server_cpu"] = {s.kind + str(s.port): (proc_cpu(s.proc.pid) - cpu_start[s.proc.pid]) / elapsed
-                                 for s in servers}
-            out["server_rss_mib"] = {s.kind + str(s.port): proc_rss_kib(s.proc.pid) / 1024 for s in servers}
+            window = Window(servers, [gen])
+        elif line == "MEASURED" and window is not None:
+            out.update(window.close())
         elif line.startswith("{"):
             out.update(json.loads(line))
         if time.monotonic() > deadline:
@@ -149,19 +187,15 @@ def load_split(sub_port: int, pub_port: int, rate: float, subscribers: int, dura
         pub = subprocess.Popen([*base, "--role", "publish", "--port", str(pub_port), "--subscribers", "0",
                                 "--rate", str(rate), "--duration", str(duration)],
                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, published, t0, cpu_start = {}, None, None, {}
+        out, published, window = {}, None, None
         for line in pub.stdout:
             line = line.strip()
             if line == "MEASURING":
                 tell("MEASURE")
-                t0 = time.monotonic()
-                cpu_start = {s.proc.pid: proc_cpu(s.proc.pid) for s in servers}
-            elif line == "MEASURED" and t0 is not None:
+                window = Window(servers, [sub, pub])
+            elif line == "MEASURED" and window is not None:
                 tell("STOP")
-                elapsed = time.monotonic() - t0
-                out["server_cpu"] = {s.kind + str(s.port): (proc_cpu(s.proc.pid) - cpu_start[s.proc.pid]) / elapsed
-                                     for s in servers}
-                out["server_rss_mib"] = {s.kind + str(s.port): proc_rss_kib(s.proc.pid) / 1024 for s in servers}
+                out.update(window.close())
             elif line.startswith("{"):
                 published = json.loads(line)
         pub.wait(60)
@@ -262,8 +296,9 @@ key = "{certs / (n + '.key')}"
 
 
 def table(results: list[Result], baselines: dict) -> str:
-    rows = ["| scenario | server | deliveries/s | vs relay | p50 ms | p99 ms | lost | server CPU | loadgen CPU | server RSS MiB |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| scenario | server | deliveries/s | vs relay | p50 ms | p99 ms | lost | server CPU | loadgen CPU | "
+            "CPU wait µs | steal | server RSS MiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     single_channel = next((r.figures["rate"] for r in results if r.name == "meshd fan-out @ S=1000"), None)
     for r in results:
         f = r.figures
@@ -277,8 +312,11 @@ def table(results: list[Result], baselines: dict) -> str:
         rss = ", ".join(f"{v:.0f}" for v in f.get("server_rss_mib", {}).values())
         gen = " + ".join(f"{v:.0%}" for v in f["loadgen_cpu_parts"]) if "loadgen_cpu_parts" in f \
             else f"{f['loadgen_cpu']:.0%}"
+        servers = len(f.get("server_cpu", {}))
+        waits = [f"{w:.0f}" for w in f.get("cpu_wait_us", [])]
+        wait = ", ".join(waits[:servers]) + " / " + " + ".join(waits[servers:]) if waits else ""
         rows.append(f"| {r.name} | {r.server} | {f['rate']:,.0f} | {ratio} | {f['p50_us'] / 1000:.2f} | "
-                    f"{f['p99_us'] / 1000:.2f} | {f['lost']} | {cpu} | {gen} | {rss} |")
+                    f"{f['p99_us'] / 1000:.2f} | {f['lost']} | {cpu} | {gen} | {wait} | {f.get('steal', 0):.0%} | {rss} |")
     idle_rows = [r for r in results if "kib_per_connection" in r.figures]
     if idle_rows:
         rows += ["", "| idle scenario | server | connections | RSS before MiB | RSS after MiB | KiB per connection |",
