@@ -344,14 +344,15 @@ def encode_event(
             # What comes before the payload: all but an empty payload's 4-byte length.
             prefix = _EVENT_PREFIXES[key] = _encode_event(event_type, channel, None, b"", session, node)[:-4]
         n = len(payload)
-        return b"".join((prefix, _U32.pack(n), payload, _PADDING[n & 3]))
+        return b"".join((prefix, _U32.pack(n), payload, PADDING[n & 3]))
     return _encode_event(event_type, channel, watchable, payload, session, node)
 
 
 #: Event frames' leading bytes, by (type, channel, session, node); bounded.
 _EVENT_PREFIXES: dict = {}
 _EVENT_PREFIXES_MAX = 4096
-_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
+#: The zero bytes that pad a vector of n bytes to 4: PADDING[n & 3].
+PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 def _encode_event(event_type: int, channel: Optional[str], watchable: Optional[Watchable],

@@ -55,6 +55,20 @@ class InterestTests(MeshTestCase):
         await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "relink")
         await self.wait_for(lambda: a.mesh.peers[b.app.node_id].interests == set(names), "interest again")
 
+    async def test_event_over_the_frame_limit(self) -> None:
+        """An event too large for the link's frames stays local; the link and later events carry on."""
+        a, b = await self.cluster_of(2, max_frame_size=8192)
+        far, near = await self.client_of(b), await self.client_of(a)
+        await far.subscribe("big")
+        await near.subscribe("big")
+        await self.interest_settled([a, b], "big", [a, b])
+        pub = await self.client_of(a)
+        await pub.publish("big", b"x" * 9000)
+        await pub.publish("big", b"small")
+        await self.wait_for(lambda: payloads(near.received) == [b"x" * 9000, b"small"], "local delivery")
+        await self.wait_for(lambda: payloads(far.received) == [b"small"], "the small one across")
+        self.assertEqual((a.links(), b.links()), (1, 1))
+
     async def test_interest_follows_disconnects_during_an_outage(self) -> None:
         """Subscriptions that come and go while a link is down are right once it is back."""
         a, b = await self.cluster_of(2)

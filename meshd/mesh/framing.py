@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import struct
 
-_LENGTH = struct.Struct(">I")
-HEADER = _LENGTH.size
+LENGTH = struct.Struct(">I")
+HEADER = LENGTH.size
 
 
 class FrameTooLarge(Exception):
     """A frame longer than the link's maximum was announced or offered."""
 
 
+def check_size(size: int, max_size: int) -> None:
+    """Refuse to send a frame of ``size`` bytes over a link whose limit is ``max_size``."""
+    if size > max_size:
+        raise FrameTooLarge(f"frame of {size} bytes is over the limit of {max_size}")
+
+
 def frame(payload: bytes, max_size: int) -> bytes:
     """Prefix ``payload`` with its 4-byte big-endian length."""
-    if len(payload) > max_size:
-        raise FrameTooLarge(f"frame of {len(payload)} bytes is over the limit of {max_size}")
-    return _LENGTH.pack(len(payload)) + payload
+    check_size(len(payload), max_size)
+    return LENGTH.pack(len(payload)) + payload
 
 
 class Deframer:
@@ -35,7 +40,7 @@ class Deframer:
         frames = []
         start, end = 0, len(buffer)
         while end - start >= HEADER:
-            (length,) = _LENGTH.unpack_from(buffer, start)
+            (length,) = LENGTH.unpack_from(buffer, start)
             if length > self.max_size:
                 raise FrameTooLarge(f"peer announced a frame of {length} bytes (limit {self.max_size})")
             if end - start - HEADER < length:

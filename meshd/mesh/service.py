@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from meshd.codec import Watchable
 from meshd.config import MeshSettings, split_address
-from meshd.mesh.framing import FrameTooLarge, frame
+from meshd.mesh.framing import HEADER, FrameTooLarge, check_size
 from meshd.mesh.link import Link, LinkEndpoint, LinkFactory
 from meshd.mesh.outbox import Outbox
 from meshd.mesh.tls import Credentials, LinkTLSFactory
@@ -398,11 +398,10 @@ class Mesh(MultiService):
         if not targets:
             return 0
         self.seq += 1
+        data = routed_frame(self.node_id, self.seq, kind, event.frame, channel, watchable, exclude_session,
+                            length_prefix=True)
         try:
-            data = frame(
-                routed_frame(self.node_id, self.seq, kind, event.frame, channel, watchable, exclude_session),
-                self.settings.max_frame_size,
-            )
+            check_size(len(data) - HEADER, self.settings.max_frame_size)
         except FrameTooLarge as e:
             self.log.error("Not routing an event: {error}", error=e)
             return 0

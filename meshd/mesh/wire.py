@@ -12,7 +12,7 @@ from uuid import UUID
 import flatbuffers
 
 from meshd import flatverify as fv
-from meshd.codec import WATCHABLE, Watchable, string_part, vector_part, watchable_part
+from meshd.codec import PADDING, WATCHABLE, Watchable, string_part, watchable_part
 from meshd.fb.client.Uuid import CreateUuid
 from meshd.fb.mesh import Cursor as C
 from meshd.fb.mesh import Frame as F
@@ -25,6 +25,7 @@ from meshd.fb.mesh import Peers as PS
 from meshd.fb.mesh.Body import Body
 from meshd.fb.mesh.GoodbyeCode import GoodbyeCode
 from meshd.fb.mesh.RouteKind import RouteKind
+from meshd.mesh.framing import LENGTH
 
 __all__ = [
     "MESH_IDENTIFIER", "MESH_VERSION", "Body", "Cursor", "Goodbye", "GoodbyeCode", "Heartbeat",
@@ -306,8 +307,13 @@ _channel_part = functools.lru_cache(maxsize=4096)(string_part)
 
 
 def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optional[str] = None,
-                 watchable: Optional[Watchable] = None, exclude_session: Optional[UUID] = None) -> bytes:
-    """:func:`encode_routed` from the fields themselves, for the routing path."""
+                 watchable: Optional[Watchable] = None, exclude_session: Optional[UUID] = None,
+                 length_prefix: bool = False) -> bytes:
+    """:func:`encode_routed` from the fields themselves, for the routing path.
+
+    With ``length_prefix`` the frame comes with the link's 4-byte length
+    prefix (:func:`meshd.mesh.framing.frame`), in the same copy.
+    """
     R = _R
     tail = R + _ROUTED_SIZE
     channel_at = watchable_at = 0
@@ -316,10 +322,12 @@ def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optio
         channel_at, tail = tail, tail + len(channel_part)
     else:
         channel_part = b""
-    frame_part = vector_part(frame)
-    frame_at, tail = tail, tail + len(frame_part)
+    n = len(frame)
+    padding = PADDING[n & 3]
+    frame_at, tail = tail, tail + 4 + n + len(padding)
     if watchable is not None:
         watchable_part_, watchable_at = watchable_part(watchable, tail)
+        tail += len(watchable_part_)
     else:
         watchable_part_ = b""
     head = _ROUTED_HEADS[channel is not None, watchable is not None, exclude_session is not None]
@@ -331,7 +339,12 @@ def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optio
         watchable_at - (R + 52) if watchable is not None else 0,
         frame_at - (R + 56),
     )
-    return b"".join((head, table, channel_part, frame_part, watchable_part_))
+    parts = (head, table, channel_part, _U32.pack(n), frame, padding, watchable_part_)
+    if length_prefix:
+        return b"".join((LENGTH.pack(tail), *parts))
+    return b"".join(parts)
+
+_U32 = struct.Struct("<I")
 
 
 # Reading them back: a frame that starts with one of the eight head-and-vtable
