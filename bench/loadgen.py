@@ -65,7 +65,7 @@ class Run:
         self.undelivered = 0  # messages some subscriber has not had yet
         #: Each message delivered everywhere lets the next one go (no --rate, one process).
         self.windowed = args.rate == 0 and args.role == "all"
-        self.subscribe_only = args.role == "subscribe"
+        self.subscriber_role = args.role == "subscribe"
         self.batch = args.batch
         self.seq = 0
         self.measuring = False
@@ -176,7 +176,7 @@ class Run:
             _magic, seq, sent_at = _HEAD.unpack_from(data, at)
             if seq < len(remaining):
                 left = remaining[seq]
-            elif self.subscribe_only:
+            elif self.subscriber_role:
                 self.expect_through(seq)
                 left = remaining[seq] if seq < len(remaining) else 0
             else:
