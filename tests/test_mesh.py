@@ -46,6 +46,24 @@ class FormationTests(MeshTestCase):
             sender.mesh.flusher.flush()  # the end of the sender's turn; no poll in between
             self.assertTrue(peer_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT), sender.name)
 
+    async def test_a_large_flush_is_one_send(self) -> None:
+        """A turn's frames that make several TLS records (16 KiB of data each) still leave in one send()."""
+        from meshd.mesh.wire import encode_heartbeat
+
+        a, b = await self.cluster_of(2)
+        [link] = [l for l in a.mesh.links if not l.closing]
+        tcp = link.transport.transport
+        sends = []
+        write = tcp.writeSomeData
+        tcp.writeSomeData = lambda data: sends.append(len(data)) or write(data)  # counted, then done
+        self.addCleanup(delattr, tcp, "writeSomeData")
+        beat = encode_heartbeat(0)
+        for _ in range(50_000 // len(beat)):
+            link.send(beat)
+        a.mesh.flusher.flush()
+        self.assertEqual(len(sends), 1, sends)
+        self.assertGreater(sends[0], 3 * 16384)
+
     async def test_simultaneous_dials_keep_one_link(self) -> None:
         """Two nodes that dial each other at once keep exactly one link, the same on both sides."""
         from .support import free_port

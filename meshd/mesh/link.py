@@ -269,7 +269,7 @@ class Link(TurnBacklog, Protocol):
             self.mesh.flusher.mark(self)
 
     def flush(self) -> None:
-        """Write this turn's frames in one piece: one TLS record batch, one send() (LinkTLSProtocol)."""
+        """Write this turn's frames in one piece: one TLS write, one send() (LinkTLSProtocol)."""
         pending = self._pending
         if pending and self.transport is not None:
             data = pending[0] if len(pending) == 1 else b"".join(pending)

@@ -26,15 +26,38 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
     Twisted's TLS layer writes its records to the TCP transport, which
     keeps them until the reactor polls again (and meanwhile may read and
     handle another batch of publishes), registering for write events and
-    unregistering once written: two ``epoll_ctl`` calls per write.
+    unregistering once written: two ``epoll_ctl`` calls per write.  Here the
+    records of one write (one per 16 KiB) are gathered and handed to
+    :func:`~meshd.session.write_now` together: one ``send()`` per flush.
     """
+
+    _gathered: "list[bytes] | None" = None
+
+    def _write(self, data: bytes) -> None:
+        self._gathered = gathered = []
+        try:
+            super()._write(data)
+        finally:
+            self._gathered = None
+            if gathered:
+                self._send(b"".join(gathered))
 
     def _flushSendBIO(self) -> None:
         try:
-            data = self._tlsConnection.bio_read(2**15)
+            records = self._tlsConnection.bio_read(2**15)
         except WantReadError:  # nothing to send
             return
-        write_now(self.transport, data)
+        if self._gathered is not None:
+            self._gathered.append(records)
+        else:
+            self._send(records)
+
+    def _send(self, records: bytes) -> None:
+        if self._aborted:
+            # What an aborted connection says goes nowhere, as with Twisted's own.
+            self.transport.write(records)
+        else:
+            write_now(self.transport, records)
 
 
 class LinkTLSFactory(TLSMemoryBIOFactory):
