@@ -237,7 +237,7 @@ FRAME = fv.Table(
 if [(name, Message._field_defaults[name]) for name in Message._fields] != [
     (f.name, fv.ABSENT.get(f.kind)) for f in FRAME.fields
 ]:
-    raise ImportError("meshd.codec: Message and the Frame schema disagree")
+    raise RuntimeError("meshd.codec: Message and the Frame schema disagree")
 
 
 

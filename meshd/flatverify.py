@@ -126,13 +126,16 @@ def _compile(table: Table) -> Callable[[bytes, int, int], Any]:
         "    vt_size, t_size = _u16x2(buf, vtable)",
         "    if vt_size < 4 or vt_size % 2 or vtable + vt_size > n or pos + t_size > n:",
         f"        raise Malformed({name + ' vtable or table size out of bounds'!r})",
-        "    k = (vt_size - 4) >> 1",
-        f"    if k >= {count}:",
-        f"        {', '.join(slots)}, = offsets(buf, vtable + 4)",
-        "    else:",
-        "        unpack, zeros = short[k]",
-        f"        {', '.join(slots)}, = unpack(buf, vtable + 4) + zeros",
     ]
+    if count:
+        lines += [
+            "    k = (vt_size - 4) >> 1",
+            f"    if k >= {count}:",
+            f"        {', '.join(slots)}, = offsets(buf, vtable + 4)",
+            "    else:",
+            "        unpack, zeros = short[k]",
+            f"        {', '.join(slots)}, = unpack(buf, vtable + 4) + zeros",
+        ]
     if table.positional:
         lines += [f"    v{slot} = {ABSENT.get(f.kind)!r}" for slot, f in enumerate(table.fields)]
     else:

@@ -62,6 +62,7 @@ class MeshServerProtocol(WebSocketServerProtocol):
         # Autobahn's version formats its debug-log arguments (a qualified
         # name found by introspection) on every read, with logging off:
         # about 2.5 us per read, and a read often holds a single message.
+        # Its "received N bytes" debug line goes with it.
         self._dataReceived(data)
 
     def _dataReceived(self, data: bytes) -> None:

@@ -20,7 +20,7 @@ from meshd.mesh.wire import (
     _FRAME, MESH_IDENTIFIER, read_routed,
     Cursor, Goodbye, GoodbyeCode, Heartbeat, Interest, LinkHello, Malformed, Peer, Peers, RouteKind,
     Routed, decode, encode_goodbye, encode_heartbeat, encode_hello, encode_interest, encode_peers,
-    encode_routed,
+    encode_routed, routed_frame,
 )
 
 
@@ -159,6 +159,14 @@ class RoutedEncoderTests(unittest.SynchronousTestCase):
         fast = outcome(read_routed)
         if fast is not None:
             self.assertEqual(fast, outcome(lambda b: fv.read(b, MESH_IDENTIFIER, _FRAME)))
+
+    @settings(max_examples=200, deadline=None)
+    @given(uuids, st.binary(max_size=70), st.integers(0, 2), st.none() | texts,
+           st.none() | st.builds(Watchable, texts, texts), st.none() | uuids)
+    def test_with_the_length_prefix(self, origin, frame_bytes, kind, channel, watchable, exclude) -> None:
+        """routed_frame(..., length_prefix=True) is the link's framing of the same frame, in one piece."""
+        args = (origin, 5, kind, frame_bytes, channel, watchable, exclude)
+        self.assertEqual(routed_frame(*args, length_prefix=True), frame(routed_frame(*args), 1 << 20))
 
     def test_flatc_reads_it(self) -> None:
         """flatc's C++ reader turns an encoded Routed frame back into its fields."""

@@ -222,6 +222,16 @@ class EncodeOnceTests(NodeTestCase):
         for c in clients:
             self.assertEqual(payloads(c.received), [b"once"])
 
+    async def test_no_framing_without_local_recipients(self) -> None:
+        """An event nobody here receives (a forwarding node's) is encoded, but never framed for WebSocket."""
+        await self.start_node()
+        framed = []
+        real_prepare = state_module.prepare
+        self.patch(state_module, "prepare", lambda frame: framed.append(frame) or real_prepare(frame))
+        before = self.app.metrics.deliveries
+        self.assertEqual(self.app.state.clients.broadcast_to_channel(None, "nobody", b"x"), 0)
+        self.assertEqual((framed, self.app.metrics.deliveries), ([], before))
+
     def test_event_frame_is_decodable(self) -> None:
         """An Event's frame is a valid client Frame carrying what it was built with."""
         from meshd.codec import decode

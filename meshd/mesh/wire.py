@@ -276,6 +276,7 @@ def encode_heartbeat(acked: int) -> bytes:
 _FRAME_HEAD = struct.Struct("<I4s4HiIB3x")
 _ROUTED_VT = struct.Struct("<9H2x")
 _ROUTED_HEAD = struct.Struct("<iB3xQQQQQIII")
+_U32 = struct.Struct("<I")
 _R = 48
 _ROUTED_SIZE = 60
 
@@ -343,8 +344,6 @@ def routed_frame(origin: UUID, seq: int, kind: int, frame: bytes, channel: Optio
     if length_prefix:
         return b"".join((LENGTH.pack(tail), *parts))
     return b"".join(parts)
-
-_U32 = struct.Struct("<I")
 
 
 # Reading them back: a frame that starts with one of the eight head-and-vtable
