@@ -1,0 +1,63 @@
+"""The benchmark suite still runs: every scenario kind, briefly, with real processes.
+
+Nothing here looks at speed; a scenario passes when its processes start,
+measure and stop, and every message reached every subscriber it was for.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial import unittest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import run  # noqa: E402
+
+
+class BenchSmokeTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir(parents=True)
+
+    def assertAllDelivered(self, figures: dict) -> None:
+        self.assertEqual(figures["lost"], 0, figures)
+        self.assertGreater(figures["rate"], 0, figures)
+        self.assertTrue(figures["cpu_wait_us"], figures)
+
+    def test_fanout_meshd_and_relay(self) -> None:
+        """The windowed fan-out, against a node (with batch frames too) and against the relay."""
+        for kind, extra in (("meshd", []), ("meshd", ["--batch"]), ("relay", [])):
+            result = run.fanout(f"{kind} smoke", kind, 5, self.work, 1.0, ["--warmup", "0.2", *extra])
+            self.assertAllDelivered(result.figures)
+
+    def test_many_channels(self) -> None:
+        """Publishes spread over channels, each connection in several."""
+        result = run.fanout("channels smoke", "meshd", 10, self.work, 1.0,
+                            ["--warmup", "0.2", "--channels", "5", "--subscriptions", "2", "--window", "20"])
+        self.assertAllDelivered(result.figures)
+
+    def test_mesh_latency_rows(self) -> None:
+        """The fixed-rate rows: subscriber and publisher processes, on one node and across two."""
+        same, cross = run.mesh_latency("smoke", self.work, 300, 1.0, subscribers=2)
+        for result in (same, cross):
+            self.assertAllDelivered(result.figures)
+            self.assertGreater(result.figures["deliveries"], 0)
+            self.assertEqual(len(result.figures["server_cpu"]), 2)
+
+    def test_idle_memory(self) -> None:
+        """The idle-connection count: connections held, RSS read before and after."""
+        result = run.idle("idle smoke", "meshd", 50, self.work)
+        self.assertEqual(result.figures["connections"], 50)
+
+    def test_forwarding_cost(self) -> None:
+        """bench/forward.py: every forwarded publish reached node B's subscriber."""
+        out = subprocess.run([sys.executable, str(BENCH / "forward.py"), "--reads", "50"], env=run.env(),
+                             capture_output=True, text=True, timeout=120, cwd=self.work)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        self.assertEqual(figures["delivered"], figures["published"])
