@@ -5,11 +5,18 @@ and written to every connected client with ``sendPreparedMessage``: no
 registry, no permissions, no FlatBuffers.  Options match meshd's (no UTF-8
 validation, no compression, TCP_NODELAY).
 
-    python bench/relay.py PORT
+    python bench/relay.py PORT [GROUPS]
+
+With GROUPS, the baseline for many channels: connections fall into GROUPS
+groups in the order they open, and a message goes to the group its
+sequence number picks (the load generator's payload: "MSHB", then the
+sequence number, little-endian), as the load generator spreads publishes
+over channels.  Still no registry or FlatBuffers: one list lookup.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -27,15 +34,31 @@ class RelayProtocol(WebSocketServerProtocol):
         return request.protocols[0] if request.protocols else None
 
     def onOpen(self) -> None:
-        self.factory.clients.add(self)
+        factory = self.factory
+        factory.clients.add(self)
+        if factory.groups:
+            self.group = factory.groups[factory.opened % len(factory.groups)]
+            self.group.add(self)
+        factory.opened += 1
 
     def onClose(self, wasClean, code, reason) -> None:
         self.factory.clients.discard(self)
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.discard(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        prepared = self.factory.prepareMessage(payload, isBinary)
-        for client in self.factory.clients:
+        factory = self.factory
+        prepared = factory.prepareMessage(payload, isBinary)
+        if factory.groups:
+            recipients = factory.groups[_SEQ.unpack_from(payload, 4)[0] % len(factory.groups)]
+        else:
+            recipients = factory.clients
+        for client in recipients:
             client.sendPreparedMessage(prepared)
+
+
+_SEQ = struct.Struct("<Q")
 
 
 def main() -> None:
@@ -43,6 +66,8 @@ def main() -> None:
     factory = WebSocketServerFactory()
     factory.protocol = RelayProtocol
     factory.clients = set()
+    factory.groups = [set() for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 0)]
+    factory.opened = 0
     factory.setProtocolOptions(
         utf8validateIncoming=False, perMessageCompressionAccept=lambda offers: None, tcpNoDelay=True,
         autoPingInterval=0, maxMessagePayloadSize=65536,

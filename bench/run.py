@@ -102,11 +102,11 @@ def env() -> dict:
 class Server:
     """A relay or a meshd node in its own process."""
 
-    def __init__(self, kind: str, port: int, workdir: Path, config: Optional[str] = None) -> None:
+    def __init__(self, kind: str, port: int, workdir: Path, config: Optional[str] = None, groups: int = 0) -> None:
         self.kind, self.port = kind, port
         log = open(workdir / f"{kind}-{port}.log", "w")
         if kind == "relay":
-            argv = [sys.executable, str(HERE / "relay.py"), str(port)]
+            argv = [sys.executable, str(HERE / "relay.py"), str(port), *([str(groups)] if groups else [])]
         elif config:
             path = workdir / f"node-{port}.toml"
             path.write_text(config)
@@ -218,9 +218,9 @@ def load_split(sub_port: int, pub_port: int, rate: float, subscribers: int, dura
                 proc.wait()
 
 
-def fanout(name: str, kind: str, subscribers: int, workdir: Path, duration: float, extra=()) -> Result:
+def fanout(name: str, kind: str, subscribers: int, workdir: Path, duration: float, extra=(), groups: int = 0) -> Result:
     port = free_port()
-    server = Server(kind, port, workdir)
+    server = Server(kind, port, workdir, groups=groups)
     try:
         figures = load(port, kind, ["--subscribers", str(subscribers), "--duration", str(duration), *extra], [server])
     finally:
@@ -308,6 +308,11 @@ def table(results: list[Result], baselines: dict) -> str:
         ratio = f"{f['rate'] / base:.2f}x" if base else ""
         if " channels x " in r.name and single_channel:  # that target compares with the single channel
             ratio = f"{f['rate'] / single_channel:.2f}x of fan-out"
+            layout = baselines.get("10,000 connections") if "10,000 connections" in r.name else None
+            if layout:
+                ratio += f"; {f['rate'] / layout:.2f}x the relay here"
+        elif r.name.startswith("relay 1,000 groups"):
+            ratio = "1.00x"
         cpu = ", ".join(f"{v:.0%}" for v in f.get("server_cpu", {}).values())
         rss = ", ".join(f"{v:.0f}" for v in f.get("server_rss_mib", {}).values())
         gen = " + ".join(f"{v:.0%}" for v in f["loadgen_cpu_parts"]) if "loadgen_cpu_parts" in f \
@@ -357,8 +362,14 @@ def main() -> None:
             # connections in one channel each.
             results.append(fanout("meshd 1,000 channels x 10, 1,000 connections @ S=1000", "meshd", 1000, work,
                                   duration, ["--channels", "1000", "--subscriptions", "10", "--window", "1000"]))
+            # The relay in the same layout: connections in 1,000 groups of 10.
+            spread = ["--channels", "1000", "--window", "1000"]
+            r = fanout("relay 1,000 groups x 10, 10,000 connections", "relay", 10_000, work, duration, spread,
+                       groups=1000)
+            baselines["10,000 connections"] = r.figures["rate"]
+            results.append(r)
             results.append(fanout("meshd 1,000 channels x 10, 10,000 connections @ S=1000", "meshd", 10_000, work,
-                                  duration, ["--channels", "1000", "--window", "1000"]))
+                                  duration, spread))
         if "idle" in groups:
             n = 1000 if args.quick else 5000
             results.append(idle(f"relay, {n} idle", "relay", n, work))

@@ -36,9 +36,12 @@ class BenchSmokeTests(unittest.SynchronousTestCase):
             self.assertAllDelivered(result.figures)
 
     def test_many_channels(self) -> None:
-        """Publishes spread over channels, each connection in several."""
+        """Publishes spread over channels, each connection in several; and the relay in groups."""
         result = run.fanout("channels smoke", "meshd", 10, self.work, 1.0,
                             ["--warmup", "0.2", "--channels", "5", "--subscriptions", "2", "--window", "20"])
+        self.assertAllDelivered(result.figures)
+        result = run.fanout("relay groups smoke", "relay", 10, self.work, 1.0,
+                            ["--warmup", "0.2", "--channels", "5", "--window", "20"], groups=5)
         self.assertAllDelivered(result.figures)
 
     def test_mesh_latency_rows(self) -> None:
