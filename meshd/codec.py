@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple, Optional
 from uuid import UUID
 
@@ -240,7 +240,6 @@ if [(name, Message._field_defaults[name]) for name in Message._fields] != [
     raise RuntimeError("meshd.codec: Message and the Frame schema disagree")
 
 
-
 def encode_batch(frames: "list[bytes]") -> bytes:
     """A Batch frame carrying ``frames`` (complete Event frames), in order."""
     entries = b"".join(_U32.pack(len(f)) + f for f in frames)
@@ -335,22 +334,21 @@ def encode_event(
     (type, channel, session, node) and only the payload vector is added.
     """
     if watchable is None and payload is not None:
-        key = (event_type, channel, session.int if session is not None else None,
-               node.int if node is not None else None)
-        prefix = _EVENT_PREFIXES.get(key)
-        if prefix is None:
-            if len(_EVENT_PREFIXES) >= _EVENT_PREFIXES_MAX:
-                _EVENT_PREFIXES.clear()
-            # What comes before the payload: all but an empty payload's 4-byte length.
-            prefix = _EVENT_PREFIXES[key] = _encode_event(event_type, channel, None, b"", session, node)[:-4]
+        # UUIDs hash in Python; their ints in C.
+        prefix = _event_prefix(event_type, channel, session.int if session is not None else None,
+                               node.int if node is not None else None)
         n = len(payload)
         return b"".join((prefix, _U32.pack(n), payload, PADDING[n & 3]))
     return _encode_event(event_type, channel, watchable, payload, session, node)
 
 
-#: Event frames' leading bytes, by (type, channel, session, node); bounded.
-_EVENT_PREFIXES: dict = {}
-_EVENT_PREFIXES_MAX = 4096
+@lru_cache(maxsize=4096)
+def _event_prefix(event_type: int, channel: Optional[str], session: Optional[int], node: Optional[int]) -> bytes:
+    """An Event frame's bytes before its payload's length, for the (type, channel, session, node) in use."""
+    as_uuid = lambda n: UUID(int=n) if n is not None else None  # noqa: E731
+    return _encode_event(event_type, channel, None, b"", as_uuid(session), as_uuid(node))[:-4]
+
+
 #: The zero bytes that pad a vector of n bytes to 4: PADDING[n & 3].
 PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
 

@@ -127,7 +127,7 @@ class FastEventEncoderTests(unittest.SynchronousTestCase):
         from meshd import codec
 
         session, node = UUID(int=5), UUID(int=6)
-        codec._EVENT_PREFIXES.clear()
+        codec._event_prefix.cache_clear()
         for size in [0, 1, 2, 3, 4, 5, 130, 0, 7]:
             payload = bytes(range(size))
             frame = encode_event(EventType.ChannelEvent, channel="room", payload=payload, session=session, node=node)
@@ -135,10 +135,11 @@ class FastEventEncoderTests(unittest.SynchronousTestCase):
             self.assertEqual(decode(frame), decode(encode(Opcode.Event, event_type=EventType.ChannelEvent,
                                                           channel="room", payload=payload, session=session,
                                                           node=node)))
-        self.assertEqual(len(codec._EVENT_PREFIXES), 1, "one prefix for them all")
-        for i in range(codec._EVENT_PREFIXES_MAX + 10):
+        self.assertEqual(codec._event_prefix.cache_info().currsize, 1, "one prefix for them all")
+        kept = codec._event_prefix.cache_info().maxsize
+        for i in range(kept + 10):
             encode_event(EventType.ChannelEvent, channel=f"c{i}", payload=b"x")
-        self.assertLessEqual(len(codec._EVENT_PREFIXES), codec._EVENT_PREFIXES_MAX, "bounded")
+        self.assertLessEqual(codec._event_prefix.cache_info().currsize, kept, "bounded")
 
     def test_flatc_reads_it(self) -> None:
         """flatc's C++ reader turns an encode_event frame back into the same fields."""
