@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from run import Server, free_port  # noqa: E402
-from wsraw import RawWebSocket  # noqa: E402
+from wsraw import RawWebSocket, mask  # noqa: E402
 
 from meshd.app import Application  # noqa: E402
 from meshd.codec import Opcode, decode, encode  # noqa: E402
@@ -52,13 +52,6 @@ from meshd.mesh.certs import create_ca, issue_node  # noqa: E402
 
 PER_READ = 10
 CHANNEL = "bench.0"
-
-
-def client_frame(payload: bytes) -> bytes:
-    """A masked binary WebSocket frame with a zero mask key (the node unmasks every key alike)."""
-    n = len(payload)
-    head = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big")
-    return head + b"\0\0\0\0" + payload
 
 
 def sleep(seconds: float):
@@ -126,8 +119,8 @@ key = "{certs / 'b.key'}"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
             b"Sec-WebSocket-Protocol: meshd.v1\r\n\r\n"
         )
-        publisher.dataReceived(client_frame(encode(Opcode.Hello, version=1)))
-        read = client_frame(encode(Opcode.Publish, channel=CHANNEL, payload=b"\xab" * 128)) * PER_READ
+        publisher.dataReceived(mask(encode(Opcode.Hello, version=1)))
+        read = mask(encode(Opcode.Publish, channel=CHANNEL, payload=b"\xab" * 128)) * PER_READ
 
         spans = []  # CPU time of each run of 10 reads
         for _ in range(reads // 10):

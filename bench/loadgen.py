@@ -122,22 +122,17 @@ class Run:
             self.undelivered += missing
 
     async def setup(self) -> None:
-        if self.args.role == "publish":
+        if self.args.role != "publish":
+            batch = 200
+            for start in range(0, self.args.subscribers, batch):
+                stop = min(start + batch, self.args.subscribers)
+                self.subscribers += await gatherResults(
+                    [ensureDeferred(self.subscriber(i)) for i in range(start, stop)]
+                )
+        if self.args.role != "subscribe":
             self.publisher = await self.connect(on_message=lambda data: None, port=self.args.publish_port)
             if self.meshd:
                 await self.meshd_request(self.publisher, encode(Opcode.Hello, request_id=1, version=1))
-            return
-        batch = 200
-        for start in range(0, self.args.subscribers, batch):
-            stop = min(start + batch, self.args.subscribers)
-            self.subscribers += await gatherResults(
-                [ensureDeferred(self.subscriber(i)) for i in range(start, stop)]
-            )
-        if self.args.role == "subscribe":
-            return
-        self.publisher = await self.connect(on_message=lambda data: None, port=self.args.publish_port)
-        if self.meshd:
-            await self.meshd_request(self.publisher, encode(Opcode.Hello, request_id=1, version=1))
 
     # -- traffic ---------------------------------------------------------------------
 
@@ -222,12 +217,15 @@ class Run:
         if self.args.role == "publish":
             # The subscribers are another process: just let the last writes leave.
             await task.deferLater(reactor, 0.2, lambda: None)
-        # Let in-flight messages land, then count what never came.
+        await self.drain()
+        return self.results(elapsed, cpu, lost=sum(self.remaining))
+
+    async def drain(self) -> None:
+        """Let in-flight messages land (at most 5 s); what is still due after that is lost."""
         for _ in range(100):
             if not self.undelivered:
                 break
             await task.deferLater(reactor, 0.05, lambda: None)
-        return self.results(elapsed, cpu, lost=sum(self.remaining))
 
     def results(self, elapsed: float, cpu: float, lost: int) -> dict:
         lat = sorted(self.latencies)
@@ -256,10 +254,7 @@ class Run:
         command, published = (await commands.get()).split()
         assert command == "PUBLISHED"
         self.expect_through(int(published))
-        for _ in range(100):
-            if not self.undelivered:
-                break
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await self.drain()
         return self.results(elapsed, cpu, lost=sum(self.remaining[: int(published) + 1]))
 
     def _paced(self) -> None:
