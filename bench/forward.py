@@ -81,11 +81,10 @@ key = "{certs / 'b.key'}"
     try:
         rules = work / "a.toml"
         rules.write_text('[[rules]]\nmatch = "*"\nanonymous = ["subscribe", "publish"]\n')
-        app = Application(dataclasses.replace(load(rules), auto_ping_interval=0, hello_timeout=0))
-        app.join_mesh(MeshSettings(
+        app = Application(dataclasses.replace(load(rules), auto_ping_interval=0, hello_timeout=0, mesh=MeshSettings(
             cluster="bench", listen=f"tcp:{mesh_a}:interface=127.0.0.1", advertise=f"127.0.0.1:{mesh_a}",
             ca=certs / "ca.pem", cert=certs / "a.pem", key=certs / "a.key", seeds=(f"127.0.0.1:{mesh_b}",),
-        ))
+        )))
         app.startService()
         # The subscriber only counts what it gets (the minimal client of the
         # load generator), so that little of this process's time is its.

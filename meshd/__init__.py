@@ -2,25 +2,48 @@
 
 Server-side code works with :class:`meshd.Application` (the node) and its
 ``state`` (the event scopes); see docs/extending.md.
+
+The names below are imported when first used, so that ``import meshd.X``
+loads only what ``X`` needs (``meshctl certs`` loads no WebSocket stack).
 """
 
-from meshd.app import Application
-from meshd.codec import ErrorCode, EventType, Opcode, ProtocolError, Watchable
-from meshd.config import Config
-from meshd.handlers import Request
-from meshd.state import Event, NodeState
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Application",
-    "Config",
-    "ErrorCode",
-    "Event",
-    "EventType",
-    "NodeState",
-    "Opcode",
-    "ProtocolError",
-    "Request",
-    "Watchable",
-]
+_EXPORTS = {
+    "Application": "meshd.app",
+    "Config": "meshd.config",
+    "ErrorCode": "meshd.codec",
+    "Event": "meshd.events",
+    "EventType": "meshd.codec",
+    "NodeState": "meshd.state",
+    "Opcode": "meshd.codec",
+    "ProtocolError": "meshd.codec",
+    "Request": "meshd.handlers",
+    "Watchable": "meshd.codec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from meshd.app import Application
+    from meshd.codec import ErrorCode, EventType, Opcode, ProtocolError, Watchable
+    from meshd.config import Config
+    from meshd.events import Event
+    from meshd.handlers import Request
+    from meshd.state import NodeState
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshd' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(list(globals()) + __all__)

@@ -16,16 +16,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meshd import builtins
+from meshd._io import EndOfTurn, Outlet
 from meshd.auth import DevelopmentAuthenticator, IAuthenticator, TokenAuthenticator
 from meshd.codec import ErrorCode, Opcode, ProtocolError, decode, encode
 from meshd.config import Config
+from meshd.constants import CLOSE_GOING_AWAY, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
+from meshd.delivery import LocalDelivery
 from meshd.handlers import Handlers, Request, lookup
 from meshd.metrics import Metrics, MetricsResource
 from meshd.permissions import Policy
 from meshd.registry import Registry
-from meshd.session import Flusher, Session
-from meshd.state import Batcher, NodeState
-from meshd.websocket import CLOSE_HELLO_TIMEOUT, MeshServerFactory
+from meshd.session import Session
+from meshd.state import NodeState
+from meshd.websocket import MeshServerFactory
 
 
 class Application(MultiService):
@@ -54,7 +57,12 @@ class Application(MultiService):
         self.node_id: UUID = config.node_id or uuid4()
         self.registry = Registry()
         self.metrics = Metrics()
-        self.state = NodeState(self.node_id, self.registry, self.metrics)
+        #: Runs the end-of-turn steps: batches, mesh interest, then every connection's writes.
+        self.turn = EndOfTurn(clock)
+        self.delivery = LocalDelivery(self.registry, self.metrics, self.turn)
+        #: The mesh service, when the configuration has a ``[mesh]`` section.
+        self.mesh = self._make_mesh(config.mesh) if config.mesh is not None else None
+        self.state = NodeState(self.node_id, self.registry, self.delivery, self.mesh, self.metrics)
         self.policy = Policy.development() if config.development else Policy(config.rules)
         if authenticator is None:
             if config.tokens or not config.development:
@@ -64,13 +72,7 @@ class Application(MultiService):
         self.authenticator = authenticator
         self.handlers = Handlers()
         builtins.install(self.handlers)
-        self.factory = MeshServerFactory(self, config)
-        #: The mesh service, once :meth:`join_mesh` has been called.
-        self.mesh = None
-        self._hello_timers: dict[Session, Any] = {}
-        self.flusher = Flusher(self.clock)
-        self.state.batcher = Batcher(self.state, self.clock, self.flusher)
-        self.registry.before_batch_change = self.state.batcher.flush_channel
+        self.factory = MeshServerFactory(self, config, clock)
 
     def get_state(self) -> NodeState:
         return self.state
@@ -92,14 +94,23 @@ class Application(MultiService):
         service.setName(f"metrics:{endpoint}")
         service.setServiceParent(self)
 
-    def join_mesh(self, settings) -> None:
-        """Link this node with the others of its cluster (``[mesh]``)."""
+    def _make_mesh(self, settings):
+        """The service that links this node with the others of its cluster (``[mesh]``)."""
         from meshd.mesh.service import Mesh
         from meshd.mesh.tls import Credentials
 
-        credentials = Credentials.load(settings.ca, settings.cert, settings.key)
-        self.mesh = Mesh(self, settings, credentials)
-        self.mesh.setServiceParent(self)
+        mesh = Mesh(
+            settings,
+            Credentials.load(settings.ca, settings.cert, settings.key),
+            node_id=self.node_id,
+            clock=self.clock,
+            metrics=self.metrics,
+            turn=self.turn,
+            registry=self.registry,
+            deliver=self.delivery.deliver_routed,
+        )
+        mesh.setServiceParent(self)
+        return mesh
 
     def load_extension(self, module_name: str) -> None:
         """Import ``module_name`` and call its ``setup(app)``."""
@@ -123,45 +134,36 @@ class Application(MultiService):
     def stopService(self) -> Deferred:
         self.log.info("meshd node {node} stopping", node=self.node_id)
         for session in list(self.registry.sessions.values()):
-            if session.is_open:
-                session.protocol.sendClose(1000, "node shutting down")
+            session.lifecycle.close(CLOSE_GOING_AWAY, "node shutting down")
         return super().stopService()
 
     # -- sessions -----------------------------------------------------------------
 
-    def open_session(self, protocol, peer: str = "") -> Session:
+    def outlet_for(self, transport) -> Outlet:
+        """The bounded output of a new WebSocket connection (see :class:`meshd._io.Outlet`)."""
+        # Until the handshake makes it a session, a peer that does not read is just dropped.
+        return Outlet(
+            transport, self.turn, self.config.max_send_buffer, on_overflow=transport.abortConnection, accepting=False
+        )
+
+    def open_session(self, protocol, outlet: Outlet, peer: str = "") -> Session:
+        """A WebSocket connection finished its opening handshake: make it a session."""
         session = Session(
-            protocol, peer, max_backlog=self.config.max_send_buffer, clock=self.clock, flusher=self.flusher
+            protocol, outlet, peer=peer, clock=self.clock, hello_timeout=self.config.hello_timeout,
+            metrics=self.metrics,
         )
         self.registry.add(session)
         self.metrics.sessions_opened += 1
-        transport = getattr(protocol, "transport", None)
-        if transport is not None:
-            transport.registerProducer(session, True)
-        timeout = self.config.hello_timeout
-        if timeout > 0:
-            self._hello_timers[session] = self.clock.callLater(
-                timeout, self._hello_timed_out, session
-            )
         return session
 
-    def hello_done(self, session: Session) -> None:
-        timer = self._hello_timers.pop(session, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _hello_timed_out(self, session: Session) -> None:
-        self._hello_timers.pop(session, None)
-        if session.is_open and not session.helloed:
-            self.log.info("Closing {session}: no Hello in time", session=session.id)
-            self.metrics.hello_timeouts += 1
-            session.protocol.sendClose(CLOSE_HELLO_TIMEOUT, "no Hello in time")
-
     def close_session(self, session: Session) -> None:
-        self.hello_done(session)
+        """A session's connection is gone."""
+        session.lifecycle.lost()
         self.registry.remove(session)
-        if session.overflowed:
+        if session.close_code == CLOSE_SLOW_CONSUMER:
             self.metrics.slow_consumer_closes += 1
+        elif session.close_code == CLOSE_HELLO_TIMEOUT:
+            self.metrics.hello_timeouts += 1
 
     # -- dispatch -----------------------------------------------------------------
 

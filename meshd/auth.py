@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_units -*-
 """Turning the token of a Hello frame into a principal."""
 
 from __future__ import annotations

@@ -37,18 +37,18 @@ def hello(request: Request) -> Optional[Deferred]:
     if message.token is None:
         _welcome(request, None)
         return None
-    session.hello_pending = True
+    session.lifecycle.hello_started()
     d = maybeDeferred(request.app.authenticator.authenticate, message.token)
 
     def authenticated(principal: Optional[str]) -> None:
-        session.hello_pending = False
         if not principal:
+            session.lifecycle.hello_refused()
             raise ProtocolError(ErrorCode.AuthenticationFailed, "the token was not accepted")
         if session.is_open:
             _welcome(request, principal)
 
     def failed(failure):
-        session.hello_pending = False
+        session.lifecycle.hello_refused()
         return failure
 
     return d.addCallbacks(authenticated, failed)
@@ -57,10 +57,12 @@ def hello(request: Request) -> Optional[Deferred]:
 def _welcome(request: Request, principal: Optional[str]) -> None:
     session, app = request.session, request.app
     if principal is not None and not isinstance(principal, str):
+        session.lifecycle.hello_refused()
         raise TypeError(f"the authenticator returned {type(principal).__name__}, not a str principal")
-    welcome = encode(
+    session.lifecycle.welcome(principal, request.message.batch)
+    app.registry.admit(session)
+    request.reply(
         Opcode.Welcome,
-        request_id=request.message.request_id,
         session=session.id,
         node=app.node_id,
         version=PROTOCOL_VERSION,
@@ -68,14 +70,6 @@ def _welcome(request: Request, principal: Optional[str]) -> None:
         max_message_size=app.config.max_message_size,
         batch=request.message.batch,
     )
-    session.principal = principal
-    session.batch = request.message.batch
-    session.authenticated = principal is not None
-    session.helloed = True
-    app.registry.admit(session)
-    app.hello_done(session)
-    request.replied = True
-    session.send_frame(welcome)
 
 
 def ping(request: Request) -> None:

@@ -43,7 +43,7 @@ from meshd.codec import (
     error_code_name,
     unpack_batch,
 )
-from meshd.websocket import SUBPROTOCOL
+from meshd.constants import SUBPROTOCOL
 
 Listener = Callable[[Message], None]
 

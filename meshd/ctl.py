@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ctl -*-
+# -*- test-case-name: tests.test_processes -*-
 """``meshctl``: talk to a meshd node from a shell.
 
 Events are printed to standard output as JSON lines; status goes to

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_permissions -*-
+# -*- test-case-name: tests.test_units -*-
 """Who may subscribe to, publish on, and watch what.
 
 A rule names a glob pattern (``fnmatch``, case-sensitive) and the actions it

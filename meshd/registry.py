@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.test_units -*-
 """The node's registry: sessions, channel subscribers and watchers."""
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ from meshd.codec import Watchable
 from meshd.session import Session
 
 _EMPTY: frozenset = frozenset()
+
+#: Told of a channel's first subscriber on this node (True) and of its last leaving (False).
+ChannelObserver = Callable[[str, bool], None]
+#: Told of a session about to join (True) or leave (False) a channel.
+MemberObserver = Callable[[str, Session, bool], None]
 
 
 class Registry:
@@ -23,20 +28,31 @@ class Registry:
     deleted so that the maps hold only what has listeners.
     """
 
-    __slots__ = ("sessions", "members", "channels", "batching", "watchers", "listener", "before_batch_change")
+    __slots__ = ("sessions", "members", "channels", "watchers", "_observers", "_member_observers")
 
     def __init__(self) -> None:
         self.sessions: dict[UUID, Session] = {}
         self.members: set[Session] = set()
         self.channels: dict[str, set[Session]] = {}
-        #: The subscribers of each channel that take Batch frames (a subset).
-        self.batching: dict[str, set[Session]] = {}
         self.watchers: dict[Watchable, set[Session]] = {}
-        #: Called with (channel, True) when a channel gets its first
-        #: subscriber and (channel, False) when it loses its last.
-        self.listener: Optional[Callable[[str, bool], None]] = None
-        #: Called with a channel just before its set of batch subscribers changes.
-        self.before_batch_change: Optional[Callable[[str], None]] = None
+        self._observers: list[ChannelObserver] = []
+        self._member_observers: list[MemberObserver] = []
+
+    def observe(self, observer: "ChannelObserver") -> None:
+        """Call ``observer(channel, True)`` when a channel gets its first subscriber here,
+        and ``observer(channel, False)`` when it loses its last."""
+        self._observers.append(observer)
+
+    def unobserve(self, observer: "ChannelObserver") -> None:
+        self._observers.remove(observer)
+
+    def observe_members(self, observer: "MemberObserver") -> None:
+        """Call ``observer(channel, session, joined)`` just before a session joins or leaves a channel."""
+        self._member_observers.append(observer)
+
+    def _tell(self, channel: str, present: bool) -> None:
+        for observer in tuple(self._observers):
+            observer(channel, present)
 
     def add(self, session: Session) -> None:
         if session.id in self.sessions:
@@ -69,15 +85,12 @@ class Registry:
         if channel in session.channels or session.id not in self.sessions:
             return False
         session.channels.add(channel)
+        for observer in self._member_observers:
+            observer(channel, session, True)
         members = self.channels.get(channel)
         if members is None:
             members = self.channels[channel] = set()
-            if self.listener is not None:
-                self.listener(channel, True)
-        if session.batch:
-            if self.before_batch_change is not None:
-                self.before_batch_change(channel)
-            self.batching.setdefault(channel, set()).add(session)
+            self._tell(channel, True)
         members.add(session)
         return True
 
@@ -90,13 +103,11 @@ class Registry:
         return True
 
     def _unsubscribed(self, channel: str, session: Session) -> None:
-        if session.batch:
-            if self.before_batch_change is not None:
-                self.before_batch_change(channel)
-            _discard(self.batching, channel, session)
+        for observer in self._member_observers:
+            observer(channel, session, False)
         _discard(self.channels, channel, session)
-        if channel not in self.channels and self.listener is not None:
-            self.listener(channel, False)
+        if channel not in self.channels:
+            self._tell(channel, False)
 
     def watch(self, session: Session, watchable: Watchable) -> bool:
         """Watch; return False if already watching or no longer registered."""

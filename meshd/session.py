@@ -1,261 +1,342 @@
-# -*- test-case-name: tests.test_registry -*-
-"""One WebSocket connection's server-side state."""
+# -*- test-case-name: tests.test_session -*-
+"""One WebSocket connection's server-side state, and its lifecycle as a state machine.
+
+::
+
+    connected --hello_started--> authenticating --welcome--> welcomed
+        ^   |                        |                          |
+        |   +------welcome-----------|--------------------------+
+        +------hello_refused---------+
+    any state but closed --close / hello_timed_out / overflowed--> closing
+    any state --lost--> closed
+
+The machine is the only writer of the session's lifecycle fields
+(:attr:`Session.phase`, :attr:`Session.principal`, :attr:`Session.batch`,
+:attr:`Session.close_code`) and owns the hello timer: it starts when the
+session opens and stops when it is welcomed or gone.  Handlers read the
+fields; they change them only through the machine's inputs.
+"""
 
 from __future__ import annotations
 
-import struct
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 from uuid import UUID, uuid4
 
-from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+from automat import TypeMachineBuilder
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.tcp import Client, Server
-from zope.interface import implementer
+
+from meshd.codec import encode_batch
+from meshd.constants import CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
+from meshd.wsframes import frame_binary
 
 if TYPE_CHECKING:
+    from meshd._io import Outlet
     from meshd.codec import Watchable
+    from meshd.events import Event
+    from meshd.metrics import Metrics
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 
-#: Close code sent to a session that stops reading while events pile up for it.
-CLOSE_SLOW_CONSUMER = 4002
+#: The phases of a session (:attr:`Session.phase`).
+CONNECTED = "connected"
+AUTHENTICATING = "authenticating"
+WELCOMED = "welcomed"
+CLOSING = "closing"
+CLOSED = "closed"
+
+#: Largest Batch frame built for a session; more events go in several.
+MAX_BATCH_BYTES = 256 * 1024
 
 
-_HEAD_16 = struct.Struct(">BBH")
-_HEAD_64 = struct.Struct(">BBQ")
+class Lifecycle(Protocol):
+    """The inputs of a session's machine."""
+
+    def hello_started(self) -> None:
+        "An authenticator is checking a Hello's token."
+
+    def hello_refused(self) -> None:
+        "The token proved nothing (or the check failed): the client may try again."
+
+    def welcome(self, principal: Optional[str], batch: bool) -> None:
+        "The Hello is accepted."
+
+    def hello_timed_out(self) -> None:
+        "``limits.hello_timeout`` passed without a Welcome."
+
+    def overflowed(self) -> None:
+        "The client stopped reading while its output passed its limit."
+
+    def close(self, code: int, reason: str) -> None:
+        "The node closes the session (shutting down, for example)."
+
+    def lost(self) -> None:
+        "The connection is gone."
 
 
-def prepare(frame: bytes) -> PreparedMessage:
-    """Frame ``frame`` as one binary WebSocket message, once, for any number of sessions.
+class _Core:
+    """What the machine's outputs act on: the session, seen from inside."""
 
-    The same as ``PreparedMessage(frame, True, False, True)`` (final,
-    binary, unmasked; ``doNotCompress`` keeps the bytes valid on every
-    connection, including one that negotiated permessage-deflate), without
-    the general constructor's work: this runs for every event.
-    """
-    n = len(frame)
-    if n < 126:
-        head = bytes((0x82, n))
-    elif n < 0x10000:
-        head = _HEAD_16.pack(0x82, 126, n)
-    else:
-        head = _HEAD_64.pack(0x82, 127, n)
-    prepared = _new_prepared(PreparedMessage)
-    prepared.doNotCompress = True
-    prepared.payloadHybi = head + frame
-    return prepared
+    __slots__ = ("session",)
+
+    def __init__(self, session: "Session") -> None:
+        self.session = session
 
 
-_new_prepared = object.__new__
-
-_PLAIN_TCP = (Server, Client)
-
-
-def write_now(transport, data: bytes) -> None:
-    """Write ``data`` to ``transport``, to the kernel at once when nothing is queued before it.
-
-    On a plain TCP connection whose Twisted buffer is empty this is one
-    ``send()`` system call, with no registration for write events (two
-    ``epoll_ctl`` calls otherwise) and no wait for the next poll; what the
-    kernel does not take, and anything on other transports, goes through
-    ``transport.write`` as usual.
-    """
-    if (
-        type(transport) in _PLAIN_TCP
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._aborting
-        and not transport.TLS
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # else the connection is gone: the buffered write fails again at the
-        # next poll, where the reactor closes the connection, also when it
-        # no longer reads from it.
-    transport.write(data)
+_builder = TypeMachineBuilder(Lifecycle, _Core)
+_connected = _builder.state(CONNECTED)
+_authenticating = _builder.state(AUTHENTICATING)
+_welcomed = _builder.state(WELCOMED)
+_closing = _builder.state(CLOSING)
+_closed = _builder.state(CLOSED)
 
 
-class Flusher:
-    """Writes, once per reactor turn, what each session was sent during the turn.
+def _enter(phase: str):
+    def output(lifecycle: Lifecycle, core: _Core, *args) -> None:
+        core.session.phase = phase
 
-    A publish fans out to many sessions, and several publishes often arrive
-    in one read: gathering each session's frames and writing them together
-    at the end of the turn costs one system call per connection instead of
-    one per frame, and no write-event registration when the kernel takes it
-    all.  The turn ends before the reactor polls again, so nothing waits
-    longer than it would in Twisted's own write buffer.
-    """
-
-    __slots__ = ("clock", "_dirty", "_call")
-
-    def __init__(self, clock) -> None:
-        self.clock = clock
-        self._dirty: list[Session] = []
-        self._call = None
-
-    def mark(self, session: "Session") -> None:
-        self._dirty.append(session)
-        if self._call is None:
-            self._call = self.clock.callLater(0, self.flush)
-
-    log = Logger()
-
-    def flush(self) -> None:
-        self._call = None
-        dirty, self._dirty = self._dirty, []
-        for session in dirty:
-            try:
-                session.flush()
-            except Exception:  # one broken connection must not stall the others
-                self.log.failure("Writing to {session} failed", session=session)
+    return output
 
 
-class TurnBacklog:
-    """Producer methods that count what is written while a transport stays full.
-
-    A transport pauses its producer when its buffer fills.  What is written
-    within the same reactor turn is not counted (the peer had no chance to
-    read it yet); from the next turn on, while the transport stays paused,
-    the writer adds each write's size to ``_backlog`` and judges the peer
-    slow past its own limit.  Users provide ``clock`` (``None``: count at
-    once), ``_counting``, ``_arming`` and ``_backlog``.
-    """
-
-    __slots__ = ()
-
-    def pauseProducing(self) -> None:
-        if self.clock is None:
-            self._start_counting()
-        elif self._arming is None:
-            self._arming = self.clock.callLater(0, self._start_counting)
-
-    def _start_counting(self) -> None:
-        self._arming = None
-        self._counting = True
-        self._backlog = 0
-
-    def resumeProducing(self) -> None:
-        if self._arming is not None:
-            self._arming.cancel()
-            self._arming = None
-        self._counting = False
-        self._backlog = 0
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
+_connected.upon(Lifecycle.hello_started).to(_authenticating)(_enter(AUTHENTICATING))
+_authenticating.upon(Lifecycle.hello_refused).to(_connected)(_enter(CONNECTED))
 
 
-@implementer(IPushProducer)
-class Session(TurnBacklog):
+def _do_welcome(lifecycle: Lifecycle, core: _Core, principal: Optional[str], batch: bool) -> None:
+    session = core.session
+    session._stop_hello_timer()
+    session.phase = WELCOMED
+    session.principal = principal
+    session.batch = batch
+
+
+_connected.upon(Lifecycle.welcome).to(_welcomed)(_do_welcome)
+_authenticating.upon(Lifecycle.welcome).to(_welcomed)(_do_welcome)
+
+
+def _closer(code: int, reason: str):
+    def output(lifecycle: Lifecycle, core: _Core) -> None:
+        core.session._close(code, reason)
+
+    return output
+
+
+def _do_close(lifecycle: Lifecycle, core: _Core, code: int, reason: str) -> None:
+    core.session._close(code, reason)
+
+
+for _state in (_connected, _authenticating):
+    _state.upon(Lifecycle.hello_timed_out).to(_closing)(_closer(CLOSE_HELLO_TIMEOUT, "no Hello in time"))
+for _state in (_connected, _authenticating, _welcomed):
+    _state.upon(Lifecycle.overflowed).to(_closing)(
+        _closer(CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full")
+    )
+    _state.upon(Lifecycle.close).to(_closing)(_do_close)
+
+
+def _do_lost(lifecycle: Lifecycle, core: _Core) -> None:
+    session = core.session
+    session._stop_hello_timer()
+    session.phase = CLOSED
+    session.queue.clear()
+
+
+for _state in (_connected, _authenticating, _welcomed, _closing):
+    _state.upon(Lifecycle.lost).to(_closed)(_do_lost)
+
+# What arrives too late to matter: a token check finishing after the close,
+# a timer or an overflow racing a close, a second close.
+for _input in (Lifecycle.hello_refused, Lifecycle.welcome, Lifecycle.hello_timed_out, Lifecycle.overflowed,
+               Lifecycle.close):
+    _closing.upon(_input).loop()(lambda lifecycle, core, *args: None)
+    _closed.upon(_input).loop()(lambda lifecycle, core, *args: None)
+_closed.upon(Lifecycle.lost).loop()(lambda lifecycle, core: None)
+
+_Machine = _builder.build()
+
+
+class Session:
     """A connected client: identity, subscriptions, watches, and the way to reach it.
 
-    The session registers itself as the streaming producer of its transport,
-    so it learns when the kernel buffer and Twisted's write buffer are full.
-    From the next reactor turn on, while the transport stays paused, what is
-    sent to it is counted: past ``max_backlog`` bytes the client is too slow
-    to keep up, and it is disconnected rather than allowed to grow the
-    node's memory without bound.  A burst written within one turn is not
-    counted, since the client has had no chance to read any of it yet.
+    What is sent to the session goes to its :class:`~meshd._io.Outlet`, which
+    gathers a turn's frames into one write and bounds what may wait for a
+    client that does not read.  A session that asked for Batch frames also
+    has a :attr:`queue` of this turn's channel events: at the end of the
+    turn, or before anything else is sent to it, they become Batch frames
+    (:meth:`coalesce`), so the session receives everything in the order it
+    was emitted.
     """
 
     __slots__ = (
-        "id",
-        "protocol",
-        "peer",
-        "principal",
-        "authenticated",
-        "helloed",
-        "hello_pending",
-        "batch",
-        "channels",
-        "watching",
-        "max_backlog",
-        "overflowed",
-        "clock",
-        "flusher",
-        "_pending",
-        "_counting",
-        "_arming",
-        "_backlog",
-        "__weakref__",
+        "id", "protocol", "peer", "outlet", "metrics", "phase", "principal", "batch", "close_code",
+        "channels", "watching", "lifecycle", "queue", "_hello_timer", "__weakref__",
     )
 
     log = Logger()
 
-    def __init__(self, protocol, peer: str = "", max_backlog: int = 1 << 20,
-                 session_id: Optional[UUID] = None, clock=None, flusher: "Optional[Flusher]" = None) -> None:
+    def __init__(
+        self,
+        protocol,
+        outlet: "Outlet",
+        *,
+        peer: str = "",
+        session_id: Optional[UUID] = None,
+        clock=None,
+        hello_timeout: float = 0,
+        metrics: "Optional[Metrics]" = None,
+    ) -> None:
         self.id: UUID = session_id or uuid4()
         self.protocol = protocol
         self.peer = peer
+        self.outlet = outlet
+        self.metrics = metrics
+        #: One of connected, authenticating, welcomed, closing, closed (written by the machine).
+        self.phase = CONNECTED
+        #: Who the Hello's token proved; None for an anonymous session.
         self.principal: Optional[str] = None
-        self.authenticated = False
-        self.helloed = False
-        self.hello_pending = False  # an authenticator is checking its token
-        self.batch = False  # takes Batch frames (said so in its Hello)
+        #: Whether it takes Batch frames (said so in its Hello).
+        self.batch = False
+        #: The close code the node sent it, if the node closed it.
+        self.close_code: Optional[int] = None
         self.channels: set[str] = set()
         self.watching: set[Watchable] = set()
-        self.max_backlog = max_backlog
-        self.overflowed = False  # closed for falling too far behind
-        self.clock = clock
-        self.flusher = flusher
-        self._pending: list[bytes] = []
-        self._counting = False  # the transport has stayed paused past a reactor turn
-        self._arming = None  # the call that starts counting, while it is pending
-        self._backlog = 0
+        #: The segments of channel events queued for this turn's Batch frames
+        #: (by :mod:`meshd.delivery`); nothing joins a segment once something
+        #: follows it here.
+        self.queue: list[Segment] = []
+        self._hello_timer = None
+        self.lifecycle: Lifecycle = _Machine(_Core(self))
+        outlet.on_overflow = self.lifecycle.overflowed
+        outlet.accepting = True  # the WebSocket is open
+        if hello_timeout > 0 and clock is not None:
+            self._hello_timer = clock.callLater(hello_timeout, self.lifecycle.hello_timed_out)
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} {self.peer}>"
+        return f"<Session {self.id} {self.peer} {self.phase}>"
+
+    # -- what handlers read ------------------------------------------------------
+
+    @property
+    def helloed(self) -> bool:
+        """Welcomed: it said Hello and was accepted."""
+        return self.phase == WELCOMED
+
+    @property
+    def hello_pending(self) -> bool:
+        """An authenticator is checking its Hello's token."""
+        return self.phase == AUTHENTICATING
+
+    @property
+    def authenticated(self) -> bool:
+        return self.principal is not None
+
+    @property
+    def overflowed(self) -> bool:
+        """Closed for falling too far behind."""
+        return self.close_code == CLOSE_SLOW_CONSUMER
 
     @property
     def is_open(self) -> bool:
         return self.protocol.state == _OPEN
 
-    def send(self, prepared: PreparedMessage) -> bool:
-        """Send a prepared message if the connection is open; return whether it was sent."""
-        protocol = self.protocol
-        if protocol.state != _OPEN:
-            return False
-        if self._counting:
-            self._backlog += len(prepared.payloadHybi)
-            if self._backlog > self.max_backlog:
-                self.log.warn(
-                    "Closing slow session {session}: {backlog} bytes waiting",
-                    session=self.id,
-                    backlog=self._backlog,
-                )
-                self.overflowed = True
-                protocol.sendClose(CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full")
-                return False
-        # The frame's bytes, not sendPreparedMessage: that would do the same
-        # for an uncompressed connection, plus per-call logging and
-        # statistics.  The node never negotiates compression and never uses
-        # Autobahn's send queue.
-        if self.flusher is None:
-            protocol.transport.write(prepared.payloadHybi)
-            return True
-        pending = self._pending
-        pending.append(prepared.payloadHybi)
-        if len(pending) == 1:
-            self.flusher.mark(self)
-        return True
+    # -- sending -------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Write what was sent to this session in this reactor turn, in one piece (:func:`write_now`)."""
-        pending = self._pending
-        if not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        transport = self.protocol.transport
-        if transport is not None:
-            write_now(transport, data)
+    def send(self, data: bytes) -> bool:
+        """Send one framed WebSocket message if the connection is open; return whether it was sent."""
+        if self.queue:
+            self.coalesce(None)  # what was emitted before it goes before it
+        return self.outlet.write(data)
 
     def send_frame(self, frame: bytes) -> bool:
         """Send one encoded frame to this session alone."""
-        return self.send(prepare(frame))
+        return self.send(frame_binary(frame))
+
+    def coalesce(self, shared: "Optional[dict]") -> None:
+        """Turn the queued segments into frames, in order, and send them.
+
+        Sessions whose queues hold the same segments share the frames
+        through ``shared`` (one dict per turn), so a Batch frame is encoded
+        and framed once for all of them.
+        """
+        queue = self.queue
+        if not queue:
+            return
+        self.queue = []
+        last = queue[-1]
+        last.open = False  # what follows it for this session must not join it
+        key = last if len(queue) == 1 else tuple(queue)
+        found = shared.get(key) if shared is not None else None
+        if found is None:
+            found = _batch_messages([event for segment in queue for event in segment.events])
+            if shared is not None:
+                shared[key] = found
+        messages, count = found
+        outlet = self.outlet
+        for message in messages:
+            if not outlet.write(message):
+                return
+        if self.metrics is not None:
+            self.metrics.deliveries += count
+
+    # -- the machine's helpers -----------------------------------------------------
+
+    def _close(self, code: int, reason: str) -> None:
+        self._stop_hello_timer()
+        self.phase = CLOSING
+        self.close_code = code
+        self.queue.clear()
+        if code == CLOSE_SLOW_CONSUMER:
+            self.log.warn(
+                "Closing slow session {session}: {backlog} bytes waiting",
+                session=self.id, backlog=self.outlet.backlog,
+            )
+        elif code == CLOSE_HELLO_TIMEOUT:
+            self.log.info("Closing {session}: no Hello in time", session=self.id)
+        if self.protocol.state == _OPEN:
+            self.protocol.sendClose(code, reason)
+
+    def _stop_hello_timer(self) -> None:
+        timer, self._hello_timer = self._hello_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+class Segment:
+    """Events of one channel, in order, that the same sessions receive one after the other.
+
+    While a segment is :attr:`open`, the channel's next event joins it, and
+    so reaches every session that queued it at once; it closes when
+    anything else follows it in one of those sessions' queues, when one of
+    them is sent something else, when the channel's batch subscribers
+    change, and at the end of the turn (see :mod:`meshd.delivery`).
+    """
+
+    __slots__ = ("events", "open")
+
+    def __init__(self, event: "Event", open: bool = True) -> None:
+        self.events = [event]
+        self.open = open
+
+
+def _batch_messages(events: "list[Event]") -> "tuple[list[bytes], int]":
+    """``events`` as WebSocket messages (Batch frames of at most MAX_BATCH_BYTES, a lone event as
+    itself), and how many events they hold."""
+    messages = []
+    group: list[Event] = []
+    size = 0
+    for event in events:
+        cost = len(event.frame) + 4
+        if group and size + cost > MAX_BATCH_BYTES:
+            messages.append(_one_message(group))
+            group, size = [], 0
+        group.append(event)
+        size += cost
+    if group:
+        messages.append(_one_message(group))
+    return messages, len(events)
+
+
+def _one_message(group: "list[Event]") -> bytes:
+    if len(group) == 1:
+        return group[0].wire
+    return frame_binary(encode_batch([event.frame for event in group]))

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_config -*-
 """``twistd meshd``: command-line options and the service they build."""
 
 from __future__ import annotations
@@ -120,6 +120,4 @@ def makeService(options: Options) -> Application:
         app.listen(endpoint)
     if config.metrics_listen:
         app.serve_metrics(config.metrics_listen)
-    if config.mesh is not None:
-        app.join_mesh(config.mesh)
     return app

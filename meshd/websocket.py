@@ -1,144 +1,37 @@
 # -*- test-case-name: tests.test_websocket -*-
-"""The WebSocket face of a node: a thin Autobahn protocol that hands frames to the app.
+"""The WebSocket face of a node: a thin Autobahn protocol that hands messages to the app.
 
 The protocol only speaks WebSocket: it accepts the ``meshd.v1`` subprotocol,
 refuses text messages, and passes each binary message to
-:meth:`meshd.app.Application.dispatch`.  Everything else lives in the app.
+:meth:`meshd.app.Application.dispatch`.  How bytes are split into messages
+and written out is :mod:`meshd._io`'s; everything else lives in the app.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Optional
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
+
+from meshd._io import FastServerProtocol, use_exact_timers
+from meshd.constants import CLOSE_UNSUPPORTED_DATA, SUBPROTOCOL
+from meshd.wsframes import MAX_FAST_PAYLOAD
 
 if TYPE_CHECKING:
     from meshd.app import Application
     from meshd.config import Config
     from meshd.session import Session
 
-#: The WebSocket subprotocol clients must offer.
-SUBPROTOCOL = "meshd.v1"
 
-#: Close codes (see docs/protocol.md).
-CLOSE_UNSUPPORTED_DATA = 1003  # a text message arrived
-CLOSE_HELLO_TIMEOUT = 4001  # no Hello within limits.hello_timeout
-
-_U16 = struct.Struct(">H")
-#: First byte of the frames the fast path takes: FIN, no RSV bits, binary.
-_FINAL_BINARY = 0x82
-#: Longest payload the fast path takes (a 16-bit length); longer frames,
-#: rare here, are streamed by Autobahn instead of being buffered whole.
-_FAST_MAX = 0xFFFF
-
-
-def unmask(key: bytes, masked: bytes) -> bytes:
-    """XOR ``masked`` with the 4-byte masking ``key`` repeated (RFC 6455, 5.3)."""
-    n = len(masked)
-    if not n:
-        return b""
-    repeated = (key * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(masked, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
-
-
-class MeshServerProtocol(WebSocketServerProtocol):
+class MeshServerProtocol(FastServerProtocol):
     _log = Logger()
     factory: "MeshServerFactory"
     session: "Optional[Session]" = None
-    _fast_limit = 0
 
-    def connectionMade(self) -> None:
-        # Autobahn sets TCP_NODELAY from ``self.tcpNoDelay`` before it copies
-        # the factory's options onto the protocol, so on its own the option
-        # never takes effect; without it Nagle's algorithm holds small event
-        # frames back until the client's delayed ACK (tens of milliseconds).
-        self.tcpNoDelay = self.factory.tcpNoDelay
-        super().connectionMade()
-
-    def dataReceived(self, data: bytes) -> None:
-        # Autobahn's version formats its debug-log arguments (a qualified
-        # name found by introspection) on every read, with logging off:
-        # about 2.5 us per read, and a read often holds a single message.
-        # Its "received N bytes" debug line goes with it.
-        self._dataReceived(data)
-
-    def _dataReceived(self, data: bytes) -> None:
-        """Split whole, final, masked binary frames off the stream and dispatch them.
-
-        Autobahn's frame parser costs more than everything the node does
-        with a Publish: it builds a frame object and an unmasker per frame
-        and re-slices its buffer after each one.  Clients send almost only
-        small binary messages in one frame each, so those are taken here, in
-        one pass over what arrived.  Anything else (control frames,
-        fragments, text, unmasked or oversized frames) and everything after
-        it goes to Autobahn's parser from a frame boundary, which checks and
-        answers it as before.
-        """
-        if (
-            self.state != self.STATE_OPEN
-            or self.current_frame is not None
-            or self.inside_message
-            or self.session is None
-        ):
-            super()._dataReceived(data)
-            return
-        self.trafficStats.incomingOctetsWireLevel += len(data)
-        buf = self.data + data if self.data else data
-        end = len(buf)
-        limit = self._fast_limit
-        dispatch = self.factory.app.dispatch
-        session = self.session
-        at = 0
-        count = 0
-        unusual = False
-        try:
-            while at < end:
-                if buf[at] != _FINAL_BINARY:
-                    unusual = True
-                    break
-                if end - at < 2:
-                    break
-                length = buf[at + 1] ^ 0x80  # the mask bit must be set
-                if length < 126:
-                    start = at + 6
-                elif length == 126:
-                    if end - at < 4:
-                        break
-                    length = _U16.unpack_from(buf, at + 2)[0]
-                    if length < 126:  # not the minimal encoding
-                        unusual = True
-                        break
-                    start = at + 8
-                else:  # unmasked, or a 64-bit length
-                    unusual = True
-                    break
-                if length > limit:
-                    unusual = True
-                    break
-                stop = start + length
-                if stop > end:
-                    break  # the rest of this frame has not arrived yet
-                payload = unmask(buf[start - 4 : start], buf[start:stop])
-                at = stop
-                count += 1
-                dispatch(session, payload)
-                if self.state != self.STATE_OPEN:
-                    unusual = True  # closing: Autobahn deals with what follows
-                    break
-        finally:
-            # Also when a dispatch raises: the rest of the read stays, from a frame boundary.
-            self.data = buf[at:] if at else buf
-            if count:
-                stats = self.trafficStats
-                stats.incomingWebSocketFrames += count
-                stats.incomingWebSocketMessages += count
-                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                    self._cancelAutoPingTimeoutCall()
-        if unusual and self.data:
-            self.consumeData()
+    def outlet_for(self, transport):
+        return self.factory.app.outlet_for(transport)
 
     def onConnect(self, request) -> str:
         if SUBPROTOCOL not in request.protocols:
@@ -149,9 +42,12 @@ class MeshServerProtocol(WebSocketServerProtocol):
         return SUBPROTOCOL
 
     def onOpen(self) -> None:
+        self.session = self.factory.app.open_session(self, self.outlet, self.peer)
         limits = [n for n in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if n > 0]
-        self._fast_limit = min([_FAST_MAX, *limits])
-        self.session = self.factory.app.open_session(self, self.peer)
+        self.fast_limit = min([MAX_FAST_PAYLOAD, *limits])
+
+    def binary_received(self, payload: bytes) -> None:
+        self.factory.app.dispatch(self.session, payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
@@ -166,14 +62,8 @@ class MeshServerProtocol(WebSocketServerProtocol):
             return
         self.factory.app.dispatch(session, payload)
 
-    def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
-        # Autobahn's own frames (close, ping) go after what the session was
-        # already sent in this turn.
-        if self.session is not None:
-            self.session.flush()
-        super().sendData(data, sync, chopsize)
-
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        self.fast_limit = 0
         session, self.session = self.session, None
         if session is not None:
             self.factory.app.close_session(session)
@@ -184,9 +74,12 @@ class MeshServerFactory(WebSocketServerFactory):
 
     protocol = MeshServerProtocol
 
-    def __init__(self, app: "Application", config: "Config") -> None:
+    def __init__(self, app: "Application", config: "Config", clock=None) -> None:
         super().__init__(protocols=[SUBPROTOCOL])
         self.app = app
+        if clock is not None:
+            # Timeouts as configured, not rounded to a whole second of the clock.
+            use_exact_timers(self, clock)
         self.setProtocolOptions(
             # Frames are FlatBuffers: binary only, so no UTF-8 validation.
             utf8validateIncoming=False,

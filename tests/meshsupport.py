@@ -8,7 +8,9 @@ from uuid import UUID
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from meshd.app import Application
 from meshd.client import MeshClient, connect
@@ -43,12 +45,17 @@ class Node:
         return sum(1 for p in self.mesh.peers.values() if p.link is not None)
 
 
+@implementer(IHandshakeListener)
 class Recorder(Protocol):
-    """Records what a raw connection receives, and when it is lost."""
+    """Records what a raw connection receives, whether its TLS handshake is done, and when it is lost."""
 
     def connectionMade(self) -> None:
         self.received = b""
+        self.handshaken = False
         self.lost = None
+
+    def handshakeCompleted(self) -> None:
+        self.handshaken = True
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -81,7 +88,6 @@ class MeshTestCase(NodeTestCase):
     async def start_mesh_node(self, settings: MeshSettings, node_id: Optional[UUID] = None,
                               name: str = "", **config) -> Node:
         app = Application(Config(source=Path("test.toml"), rules=_ALLOW_ALL, node_id=node_id, mesh=settings, **config))
-        app.join_mesh(settings)
         app.startService()
         self.addCleanup(app.stopService)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(app.factory)

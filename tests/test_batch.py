@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from meshd.codec import EventType, Opcode, ProtocolError, decode, encode, encode_batch, encode_event, unpack_batch
+from meshd.codec import EventType, Opcode, ProtocolError, Watchable, decode, encode, encode_batch, encode_event, unpack_batch
 
 from .support import NodeTestCase, raw_client, sleep
 
@@ -45,24 +45,74 @@ class BatchDeliveryTests(NodeTestCase):
         await batched.wait_frames(3)
         self.assertEqual((batched.frames[2].opcode, batched.frames[2].payload), (Opcode.Event, b"alone"))
 
-    async def test_channels_batched_apart_and_exclusion(self) -> None:
-        """Each channel gets its own batch; a session excluded from one event gets the others singly."""
+    async def test_channels_together_and_exclusion(self) -> None:
+        """A session's Batch holds the turn's events of all its channels in order; an excluded session's lacks that one."""
         app = await self.start_node()
         a, b = await self.subscriber(True), await self.subscriber(True)
         other = await self.subscriber(True, channel="other")
-        session_b = [s for s in app.registry.sessions.values() if s.batch][1]
+        session_a, session_b = [s for s in app.registry.sessions.values() if s.batch][:2]
+        app.registry.subscribe(session_a, "other")
         clients = app.state.clients
         clients.broadcast_to_channel(None, "room", b"1")
         clients.broadcast_to_channel(None, "room", b"2", exclude=session_b.id)
         clients.broadcast_to_channel(None, "other", b"x")
         clients.broadcast_to_channel(None, "room", b"3")
         await a.wait_frames(3)
+        await b.wait_frames(3)
         await other.wait_frames(3)
-        await sleep(0.1)
-        self.assertEqual([e.payload for e in self.events_of(a)], [b"1", b"2", b"3"])
+        self.assertEqual([f.opcode for f in a.frames[2:]], [Opcode.Batch])
+        self.assertEqual([e.payload for e in self.events_of(a)], [b"1", b"2", b"x", b"3"])
         self.assertEqual([e.payload for e in self.events_of(other)], [b"x"])
+        self.assertEqual([f.opcode for f in b.frames[2:]], [Opcode.Batch])
         self.assertEqual([e.payload for e in self.events_of(b)], [b"1", b"3"])
-        self.assertEqual([f.opcode for f in b.frames[2:]], [Opcode.Event, Opcode.Event])
+
+    async def test_same_order_as_plain_sessions_across_scopes(self) -> None:
+        """A Batch session and a plain one get channel events, broadcasts, notifications and Acks of one turn in one order."""
+        app = await self.start_node()
+        watched = ("doc", "1")
+        raws = []
+        for batch in (True, False):
+            raw = await self.subscriber(batch)
+            raw.send(encode(Opcode.Watch, request_id=3, watchable=Watchable(*watched)))
+            await raw.wait_frames(3)
+            raws.append(raw)
+        sessions = {s.batch: s for s in app.registry.sessions.values()}
+        state = app.state
+        marks = []
+
+        def emit() -> None:
+            # Everything in one reactor turn.
+            state.clients.broadcast_to_channel(None, "room", b"c1")
+            state.clients.broadcast_to_channel(None, "room", b"c2")
+            state.broadcast_event(EventType.NodeEvent, None, None, b"b1")
+            state.clients.broadcast_to_channel(None, "room", b"c3")
+            state.notify_event(EventType.ResourceEvent, watched, None, b"n1")
+            for session in sessions.values():
+                session.send_frame(encode(Opcode.Ack, request_id=77))
+            state.clients.broadcast_to_channel(None, "room", b"c4")
+            state.clients.broadcast_to_channel(None, "room", b"c5")
+            state.distribute_event(state.event(EventType.NodeEvent, payload=b"d1"))
+            for session in sessions.values():
+                session.send_frame(encode(Opcode.Ack, request_id=99))
+            marks.append(True)
+
+        app.clock.callLater(0, emit)
+        expected = [b"c1", b"c2", b"b1", b"c3", b"n1", ("ack", 77), b"c4", b"c5", b"d1", ("ack", 99)]
+        for raw in raws:
+            while self.flattened(raw)[-1:] != [("ack", 99)]:
+                await raw.wait_frames(len(raw.frames) + 1)
+        batched, plain = (self.flattened(raw) for raw in raws)
+        self.assertEqual(marks, [True])
+        self.assertEqual(plain, expected)
+        self.assertEqual(batched, expected)
+        self.assertIn(Opcode.Batch, [f.opcode for f in raws[0].frames[3:]], "the batch session got batches")
+
+    def flattened(self, raw) -> list:
+        out = []
+        for frame in raw.frames[3:]:
+            for m in unpack_batch(frame) if frame.opcode == Opcode.Batch else [frame]:
+                out.append(("ack", m.request_id) if m.opcode == Opcode.Ack else m.payload)
+        return out
 
     async def test_client_library_unpacks(self) -> None:
         """meshd.client asks for batches and hands each event to listeners, in order."""
@@ -138,7 +188,11 @@ class BatchEdgeTests(NodeTestCase):
         joining.send(encode(Opcode.Publish, request_id=2, channel="room", payload=b"before joining"))
         joining.send(encode(Opcode.Subscribe, request_id=3, channel="room"))
         await joining.wait_frames(3)
-        await sleep(0.1)
+        # A Ping on each connection: whatever the node sent them before its Pong has arrived with it.
+        leaving.send(encode(Opcode.Ping, request_id=5))
+        joining.send(encode(Opcode.Ping, request_id=4))
+        self.assertEqual((await leaving.wait_frames(6))[-1].opcode, Opcode.Pong)
+        self.assertEqual((await joining.wait_frames(4))[-1].opcode, Opcode.Pong)
         self.assertEqual(self.events(leaving), [b"mine"])
         self.assertEqual(self.events(joining), [])
 

@@ -13,7 +13,9 @@ class FormationTests(MeshTestCase):
     async def test_full_mesh_from_one_seed_each(self) -> None:
         """Three nodes, each seeded with only the previous one, end fully linked, one link per pair."""
         nodes = await self.cluster_of(3)
-        await sleep(0.5)  # let duplicate links settle
+        # Duplicate links close as both ends learn of them: wait until no connection is open but the kept ones.
+        await self.wait_for(lambda: all(len(n.mesh.links) == 2 and not n.mesh.dialers.keys() - {
+            l.address for l in n.mesh.links if l.dialed} for n in nodes), "duplicate links to close")
         for n in nodes:
             self.assertEqual(n.links(), 2)
             self.assertEqual(len([l for l in n.mesh.links if not l.closing]), 2)
@@ -43,7 +45,7 @@ class FormationTests(MeshTestCase):
             await sleep(0.1)  # the receiver has read whatever was in flight
             self.assertRaises(BlockingIOError, peer_socket.recv, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             link.send(encode_heartbeat(0))
-            sender.mesh.flusher.flush()  # the end of the sender's turn; no poll in between
+            sender.app.turn.run()  # the end of the sender's turn; no poll in between
             self.assertTrue(peer_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT), sender.name)
 
     async def test_a_large_flush_is_one_send(self) -> None:
@@ -53,14 +55,13 @@ class FormationTests(MeshTestCase):
         a, b = await self.cluster_of(2)
         [link] = [l for l in a.mesh.links if not l.closing]
         tcp = link.transport.transport
-        sends = []
-        write = tcp.writeSomeData
-        tcp.writeSomeData = lambda data: sends.append(len(data)) or write(data)  # counted, then done
-        self.addCleanup(delattr, tcp, "writeSomeData")
+        sends: list[int] = []
+        tcp.socket = _CountingSocket(tcp.socket, sends)
+        self.addCleanup(setattr, tcp, "socket", tcp.socket._socket)
         beat = encode_heartbeat(0)
         for _ in range(50_000 // len(beat)):
             link.send(beat)
-        a.mesh.flusher.flush()
+        a.app.turn.run()
         self.assertEqual(len(sends), 1, sends)
         self.assertGreater(sends[0], 3 * 16384)
 
@@ -72,7 +73,8 @@ class FormationTests(MeshTestCase):
         a = await self.start_mesh_node(self.settings(0, [f"127.0.0.1:{pb}"], port=pa))
         b = await self.start_mesh_node(self.settings(1, [f"127.0.0.1:{pa}"], port=pb))
         await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "link")
-        await sleep(1.0)
+        # Until the end that keeps the other's link has stopped dialing, a second link could come.
+        await self.wait_for(lambda: len(a.mesh.dialers) + len(b.mesh.dialers) <= 1, "one end to stop dialing")
         self.assertEqual([l for l in a.mesh.links if not l.closing].__len__(), 1)
         self.assertEqual([l for l in b.mesh.links if not l.closing].__len__(), 1)
         link_a = a.mesh.peers[b.app.node_id].link
@@ -83,6 +85,21 @@ class FormationTests(MeshTestCase):
         self.assertEqual(dialer.app.node_id, lower)
 
 
+class _CountingSocket:
+    """A socket that records the size of each send() before making it."""
+
+    def __init__(self, socket, sends: list[int]) -> None:
+        self._socket = socket
+        self._sends = sends
+
+    def send(self, data) -> int:
+        self._sends.append(len(data))
+        return self._socket.send(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._socket, name)
+
+
 class RoutingTests(MeshTestCase):
     async def test_publish_reaches_every_node_once(self) -> None:
         """A publish on any node reaches the subscribers on every node once, in order."""
@@ -91,14 +108,16 @@ class RoutingTests(MeshTestCase):
         for s in subs:
             await s.subscribe("room")
         await self.interest_settled(nodes, "room", nodes)
-        for i, n in enumerate(nodes):
-            pub = await self.client_of(n)
+        pubs = [await self.client_of(n) for n in nodes]
+        for i, pub in enumerate(pubs):
             for j in range(20):
                 await pub.publish("room", b"%d-%d" % (i, j))
-        await self.wait_for(lambda: all(len(s.received) >= 60 for s in subs), "deliveries")
-        await sleep(0.3)
+        # Each node's events reach another over one link, in order: a duplicate would come before its "end".
+        for pub in pubs:
+            await pub.publish("room", b"end")
+        await self.wait_for(lambda: all(payloads(s.received).count(b"end") == 3 for s in subs), "the ends")
         for s in subs:
-            got = payloads(s.received)
+            got = [p for p in payloads(s.received) if p != b"end"]
             self.assertEqual(len(got), 60)
             for i in range(3):
                 self.assertEqual([p for p in got if p.startswith(b"%d-" % i)], [b"%d-%d" % (i, j) for j in range(20)])
@@ -107,7 +126,7 @@ class RoutingTests(MeshTestCase):
     async def test_a_routed_event_is_delivered_by_its_bytes(self) -> None:
         """The receiving node sends the event frame that crossed the link as it came, not re-encoded."""
         from meshd.codec import Opcode, encode, encode_event
-        from meshd.state import Event
+        from meshd.events import received
 
         from .support import raw_client
 
@@ -124,7 +143,7 @@ class RoutingTests(MeshTestCase):
         # re-encoded it would send encode_event's different layout.
         frame = encode(Opcode.Event, event_type=EventType.ChannelEvent, channel="c", payload=b"as built")
         self.assertNotEqual(frame, encode_event(EventType.ChannelEvent, channel="c", payload=b"as built"))
-        a.app.state.clients.broadcast_to_channel(None, "c", Event.from_frame(frame, "c"))
+        a.app.state.clients.broadcast_to_channel(None, "c", received(frame, "c", None))
         await client.wait_frames(3)
         self.assertEqual(raw[-1], frame)
 
@@ -170,11 +189,12 @@ class RoutingTests(MeshTestCase):
         state.distribute_event(state.event(EventType.NodeEvent, channel="d", payload=b"not-b"), exclude_id=b.app.node_id)
         state.distribute_event(state.event(EventType.NodeEvent, payload=b"all"))
         state.distribute_event(state.event(EventType.NodeEvent, payload=b"not-a"), exclude_id=a.app.node_id)
-        await self.wait_for(lambda: len(subs["n2"].received) == 3, "deliveries")
-        await sleep(0.2)
-        self.assertEqual(payloads(subs["n0"].received), [b"not-b", b"all"])
-        self.assertEqual(payloads(subs["n1"].received), [b"all", b"not-a"])
-        self.assertEqual(payloads(subs["n2"].received), [b"not-b", b"all", b"not-a"])
+        # Events from a reach each node in order: what is before this one has arrived, or never will.
+        state.distribute_event(state.event(EventType.NodeEvent, payload=b"end"))
+        await self.wait_for(lambda: all(b"end" in payloads(s.received) for s in subs.values()), "the end")
+        self.assertEqual(payloads(subs["n0"].received), [b"not-b", b"all", b"end"])
+        self.assertEqual(payloads(subs["n1"].received), [b"all", b"not-a", b"end"])
+        self.assertEqual(payloads(subs["n2"].received), [b"not-b", b"all", b"not-a", b"end"])
 
     async def test_watchers_not_forwarded_by_default(self) -> None:
         """notify_event stays local unless forward_watchers is on."""
@@ -182,11 +202,15 @@ class RoutingTests(MeshTestCase):
         wa, wb = await self.client_of(a), await self.client_of(b)
         for w in (wa, wb):
             await w.watch("doc", "1")
+        await wb.subscribe("after")
+        await self.interest_settled([a, b], "after", [b])
         a.app.state.notify_event(EventType.ResourceEvent, ("doc", "1"), None, b"v1")
+        # A forwarded notification would reach b over the link before this channel event does.
+        a.app.state.clients.broadcast_to_channel(None, "after", b"after")
         await self.settle(wa)
-        await sleep(0.3)
+        await self.wait_for(lambda: len(wb.received) > 0, "the channel event on b")
         self.assertEqual(payloads(wa.received), [b"v1"])
-        self.assertEqual(wb.received, [])
+        self.assertEqual(payloads(wb.received), [b"after"])
 
     async def test_watchers_forwarded_when_configured(self) -> None:
         """With forward_watchers, notify_event reaches the watchers on every node, except exclude_id."""
@@ -194,10 +218,14 @@ class RoutingTests(MeshTestCase):
         wa, wb, wb2 = await self.client_of(a), await self.client_of(b), await self.client_of(b)
         for w in (wa, wb, wb2):
             await w.watch("doc", "1")
+        await wb2.subscribe("after")
+        await self.interest_settled([a, b], "after", [b])
         a.app.state.notify_event(EventType.ResourceEvent, Watchable("doc", "1"), None, b"v1", exclude_id=wb2.session_id)
-        await self.wait_for(lambda: len(wb.received) == 1, "forwarded notification")
-        await sleep(0.2)
-        self.assertEqual((payloads(wa.received), payloads(wb.received), wb2.received), ([b"v1"], [b"v1"], []))
+        # Had wb2 not been excluded, the notification would reach it before this channel event.
+        a.app.state.clients.broadcast_to_channel(None, "after", b"after")
+        await self.wait_for(lambda: len(wb.received) == 1 and len(wb2.received) == 1, "forwarded notification")
+        self.assertEqual((payloads(wa.received), payloads(wb.received), payloads(wb2.received)),
+                         ([b"v1"], [b"v1"], [b"after"]))
 
 
 class OutageTests(MeshTestCase):
@@ -222,9 +250,10 @@ class OutageTests(MeshTestCase):
                 pub.publish("c", b"%d" % sent, ack=False)
             await pub.ping()
             await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "relink")
-        await self.wait_for(lambda: len(sub.received) >= sent, f"{sent} deliveries")
-        await sleep(0.5)
-        self.assertEqual(payloads(sub.received), [b"%d" % i for i in range(1, sent + 1)])
+        # A duplicate of an earlier frame would come before this one, on the same link.
+        await pub.publish("c", b"end")
+        await self.wait_for(lambda: b"end" in payloads(sub.received), f"{sent} deliveries and the end")
+        self.assertEqual(payloads(sub.received), [b"%d" % i for i in range(1, sent + 1)] + [b"end"])
         self.assertEqual(a.app.metrics.mesh_queue_dropped, 0)
 
     async def test_past_the_bound_the_queue_is_dropped(self) -> None:
@@ -246,9 +275,11 @@ class OutageTests(MeshTestCase):
         await self.wait_for(lambda: a.links() == 1, "link back")
         kept = 100 - dropped + 1
         await self.wait_for(lambda: len(sub.received) == kept, f"the {kept} frames kept")
-        await sleep(0.2)
-        self.assertEqual(len(sub.received), kept)
-        self.assertEqual(payloads(sub.received)[-1], b"kept")
+        # Anything more from a would come before this.
+        await pub.publish("c", b"end")
+        await self.wait_for(lambda: b"end" in payloads(sub.received), "the end")
+        self.assertEqual(len(sub.received), kept + 1)
+        self.assertEqual(payloads(sub.received)[-2], b"kept")
 
     async def test_queue_expires(self) -> None:
         """Frames waiting longer than queue_max_seconds are dropped and counted."""

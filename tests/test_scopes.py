@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from uuid import uuid4
 
-from meshd import state as state_module
+from meshd import events as events_module
 from meshd.codec import EventType, Opcode, Watchable
-from meshd.state import Event
+from meshd.events import Event
 
 from .support import NodeTestCase, payloads
 
@@ -203,22 +203,22 @@ class EncodeOnceTests(NodeTestCase):
         clients = [await self.client() for _ in range(5)]
         for c in clients:
             await c.subscribe("fan")
-        calls = {"encode": 0, "prepare": 0}
-        real_encode, real_prepare = state_module.encode_event, state_module.prepare
+        calls = {"encode": 0, "frame": 0}
+        real_encode, real_frame = events_module.encode_event, events_module.frame_binary
 
         def counting_encode(*args, **kwargs):
             calls["encode"] += 1
             return real_encode(*args, **kwargs)
 
-        def counting_prepare(frame):
-            calls["prepare"] += 1
-            return real_prepare(frame)
+        def counting_frame(frame):
+            calls["frame"] += 1
+            return real_frame(frame)
 
-        self.patch(state_module, "encode_event", counting_encode)
-        self.patch(state_module, "prepare", counting_prepare)
+        self.patch(events_module, "encode_event", counting_encode)
+        self.patch(events_module, "frame_binary", counting_frame)
         sent = self.app.state.clients.broadcast_to_channel(None, "fan", b"once")
         await self.settle(*clients)
-        self.assertEqual((sent, calls), (5, {"encode": 1, "prepare": 1}))
+        self.assertEqual((sent, calls), (5, {"encode": 1, "frame": 1}))
         for c in clients:
             self.assertEqual(payloads(c.received), [b"once"])
 
@@ -226,8 +226,8 @@ class EncodeOnceTests(NodeTestCase):
         """An event nobody here receives (a forwarding node's) is encoded, but never framed for WebSocket."""
         await self.start_node()
         framed = []
-        real_prepare = state_module.prepare
-        self.patch(state_module, "prepare", lambda frame: framed.append(frame) or real_prepare(frame))
+        real_frame = events_module.frame_binary
+        self.patch(events_module, "frame_binary", lambda frame: framed.append(frame) or real_frame(frame))
         before = self.app.metrics.deliveries
         self.assertEqual(self.app.state.clients.broadcast_to_channel(None, "nobody", b"x"), 0)
         self.assertEqual((framed, self.app.metrics.deliveries), ([], before))
@@ -243,4 +243,4 @@ class EncodeOnceTests(NodeTestCase):
             (m.opcode, m.event_type, m.channel, m.payload, m.session, m.node),
             (Opcode.Event, EventType.ChannelEvent, "c", b"p", session, node),
         )
-        self.assertEqual(e.prepared.payloadHybi[2:], e.frame)  # one unmasked binary frame
+        self.assertEqual(e.wire, b"\x82" + bytes([len(e.frame)]) + e.frame)  # one unmasked binary frame

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from meshd.app import Application
 from meshd.codec import Opcode, decode, encode
 from meshd.config import Config
-from meshd.websocket import unmask
+from meshd.wsframes import unmask
 
 from .support import raw_client
 
@@ -86,14 +86,11 @@ class Connection:
         from twisted.internet.address import IPv4Address
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
-        from txaio._common import _BatchedTimer
 
         settings = {"auto_ping_interval": 0, "open_handshake_timeout": 0, "hello_timeout": 0, **config}
         self.clock = Clock()
+        # Autobahn's own timers (the close handshake's) run on the app's clock too.
         self.app = Application(Config(**settings), clock=self.clock)
-        # Autobahn's own timers (the close handshake's) on the same clock,
-        # not the global reactor.
-        self.app.factory._batched_timer = _BatchedTimer(200, 100, self.clock.seconds, self.clock.callLater)
         self.protocol = self.app.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.protocol.makeConnection(self.transport)

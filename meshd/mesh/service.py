@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh -*-
+# -*- test-case-name: tests.test_mesh tests.test_link -*-
 """The mesh: links to every other node, and one-hop routing of events over them.
 
 Routing is a full mesh with one hop.  What originates on this node is sent
@@ -15,7 +15,7 @@ LinkHello and then as they change.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 from uuid import UUID
 
 from twisted.application import strports
@@ -23,18 +23,17 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from meshd._io import EndOfTurn, LinkTLSFactory, link_tls_endpoint
 from meshd.codec import Watchable
 from meshd.config import MeshSettings, split_address
 from meshd.mesh.framing import HEADER, FrameTooLarge, check_size
-from meshd.mesh.link import Link, LinkEndpoint, LinkFactory
+from meshd.mesh.link import DialEndpoint, Link, LinkFactory, Violation, opening
 from meshd.mesh.outbox import Outbox
-from meshd.mesh.tls import Credentials, LinkTLSFactory
-from meshd.session import Flusher
+from meshd.mesh.tls import Credentials
 from meshd.mesh.wire import (
     MESH_VERSION,
     Cursor,
@@ -50,8 +49,9 @@ from meshd.mesh.wire import (
 )
 
 if TYPE_CHECKING:
-    from meshd.app import Application
-    from meshd.state import Event
+    from meshd.events import Event
+    from meshd.metrics import Metrics
+    from meshd.registry import Registry
 
 #: At most this many other nodes are remembered; more are ignored (and logged).
 MAX_PEERS = 1024
@@ -85,29 +85,43 @@ class Mesh(MultiService):
 
     log = Logger()
 
-    def __init__(self, app: "Application", settings: MeshSettings, credentials: Credentials, reactor=None) -> None:
+    def __init__(
+        self,
+        settings: MeshSettings,
+        credentials: Credentials,
+        *,
+        node_id: UUID,
+        clock,
+        metrics: "Metrics",
+        turn: EndOfTurn,
+        registry: "Registry",
+        deliver: Callable[[Routed], int],
+    ) -> None:
         super().__init__()
         self.setName("mesh")
-        self.app = app
         self.settings = settings
         self.credentials = credentials
-        self.clock = reactor or app.clock  # a reactor: it also resolves and connects
-        self.node_id = app.node_id
+        self.clock = clock  # a reactor: it also listens, resolves and connects
+        self.node_id = node_id
+        self.metrics = metrics
+        self.turn = turn
+        self.registry = registry
+        self._deliver = deliver
         self.incarnation = random.getrandbits(63) + 1
         self.seq = 0
         self.peers: dict[UUID, PeerState] = {}
         self.dialers: dict[str, ClientService] = {}
         #: Every live connection, handshaking or open.
         self.links: set[Link] = set()
+        #: This turn's changes of channel interest, sent at its end (EndOfTurn.ANNOUNCE).
         self._pending_interest: dict[str, bool] = {}
-        self._interest_flush = None
-        #: Writes each link's frames once per reactor turn, like sessions'.
-        self.flusher = Flusher(self.clock)
+        turn.register(EndOfTurn.ANNOUNCE, self._flush_interest)
         self._expiry = LoopingCall(self._expire)
         self._expiry.clock = self.clock
         listener = strports.service(
             settings.listen,
             LinkTLSFactory(credentials.server_options(), False, LinkFactory(self, dialed=False)),
+            reactor=self.clock,
         )
         listener.setName(f"mesh-listener:{settings.listen}")
         listener.setServiceParent(self)
@@ -116,8 +130,7 @@ class Mesh(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.app.state.router = self
-        self.app.registry.listener = self._interest_changed
+        self.registry.observe(self._interest_changed)
         for seed in self.settings.seeds:
             self.dial(seed)
         self._expiry.start(1.0, now=False)
@@ -128,12 +141,11 @@ class Mesh(MultiService):
         )
 
     def stopService(self):
-        self.app.state.router = None
-        self.app.registry.listener = None
+        if self.running:  # a MultiService stops its children again, stopped or not
+            self.registry.unobserve(self._interest_changed)
+        self._pending_interest.clear()
         if self._expiry.running:
             self._expiry.stop()
-        if self._interest_flush is not None and self._interest_flush.active():
-            self._interest_flush.cancel()
         for link in list(self.links):
             link.goodbye(GoodbyeCode.Shutdown, "node shutting down")
         stopping = [self.park(address) for address in list(self.dialers)]
@@ -151,24 +163,37 @@ class Mesh(MultiService):
         except ValueError as e:
             self.log.warn("Not dialing {address}: {error}", address=address, error=e)
             return
+        # A connection counts once its link opened (``opening``): one that
+        # fails before (TLS refused, wrong cluster...) is a failed attempt and
+        # backs off.
+        tcp = HostnameEndpoint(self.clock, host, port, timeout=5)
         service = ClientService(
-            LinkEndpoint(
-                self, address, HostnameEndpoint(self.clock, host, port, timeout=5), self.credentials.client_options(host)
-            ),
-            Factory.forProtocol(Protocol),  # stands for the open link; see LinkEndpoint
+            DialEndpoint(link_tls_endpoint(self.credentials.client_options(host), tcp)),
+            LinkFactory(self, dialed=True, address=address),
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=self.settings.reconnect_max_delay),
             clock=self.clock,
+            prepareConnection=opening,
         )
         service.setName(f"dial:{address}")
         self.dialers[address] = service
         service.setServiceParent(self)
 
     def park(self, address: Optional[str]):
-        """Stop dialing ``address``: the node there keeps the link up itself."""
+        """Stop dialing ``address``: the node there keeps the link up itself.
+
+        The dialer's link goes with it: aborted if still in its handshake
+        (the ``ClientService`` cancels :func:`~meshd.mesh.link.opening`),
+        closed with a Goodbye if open.  Returns the service's stop Deferred.
+        """
         service = self.dialers.pop(address, None) if address else None
-        if service is not None:
-            return service.disownServiceParent()
-        return None
+        if service is None:
+            return None
+        for link in list(self.links):
+            if link.dialed and link.address == address and link.is_open:
+                # The service's own loseConnection would wait on the link's
+                # producer forever: TLS shuts down once none is registered.
+                link.goodbye(GoodbyeCode.Duplicate, "this node stopped dialing it")
+        return service.disownServiceParent()
 
     # -- links ----------------------------------------------------------------------
 
@@ -187,7 +212,7 @@ class Mesh(MultiService):
 
     def introduce(self, link: Link) -> None:
         """After a LinkHello: every channel with subscribers, and every node known."""
-        for add in _chunks(list(self.app.registry.channels), self._budget()):
+        for add in _chunks(list(self.registry.channels), self._budget()):
             link.send(encode_interest(add, []))
         peers = [Peer(p.node, p.address) for p in self.peers.values() if p.address]
         for chunk in _chunks(peers, self._budget(), size=lambda p: len(p.address) + 64):
@@ -205,7 +230,6 @@ class Mesh(MultiService):
         if hello.version != MESH_VERSION:
             return GoodbyeCode.UnsupportedVersion, f"mesh version {hello.version} is not {MESH_VERSION}"
         if hello.node == self.node_id:
-            self.park(link.address)
             return GoodbyeCode.Self, "this is the node itself"
         if hello.address:
             try:
@@ -216,29 +240,36 @@ class Mesh(MultiService):
             return GoodbyeCode.ProtocolViolation, f"this node already knows {MAX_PEERS} nodes"
         return None
 
+    def hello_refused(self, link: Link, code: int, reason: str) -> None:
+        """This node refused a LinkHello (:meth:`check_hello`), and said why."""
+        self.note_refusal(link, reason)
+        if code == GoodbyeCode.Self:
+            self.park(link.address)
+
     def refused_by_peer(self, link: Link, goodbye) -> None:
         """The other side refused a link in its handshake, with a Goodbye."""
-        self.app.metrics.mesh_refusals += 1
+        self.metrics.mesh_refusals += 1
         self.log.warn("{peer} refused the link ({code}): {reason}", peer=link.address or _peer_of(link),
                       code=goodbye.code, reason=goodbye.reason)
         if goodbye.code == GoodbyeCode.Self:
             self.park(link.address)
 
     def note_refusal(self, link: Link, reason: str) -> None:
-        self.app.metrics.mesh_refusals += 1
+        self.metrics.mesh_refusals += 1
         self.log.warn("Refused mesh link {link} from {peer}: {reason}", link=link,
                       peer=_peer_of(link), reason=reason)
 
     def link_refused(self, link: Link, reason: Failure) -> None:
         """A connection closed before its handshake completed (TLS failure, wrong peer...)."""
-        self.app.metrics.mesh_refusals += 1
+        self.metrics.mesh_refusals += 1
         self.log.warn(
             "Mesh connection {direction} {peer} closed before linking: {reason}",
             direction="to" if link.dialed else "from", peer=link.address or _peer_of(link),
             reason=_describe(reason),
         )
 
-    def link_opened(self, link: Link, hello: LinkHello) -> None:
+    def link_opened(self, link: Link, hello: LinkHello) -> bool:
+        """A link's LinkHellos were exchanged and accepted; whether it is kept (see below)."""
         peer = self.peers.get(hello.node)
         if peer is None:
             peer = self.peers[hello.node] = self._new_peer(hello.node, None)
@@ -255,11 +286,12 @@ class Mesh(MultiService):
             keep_current = self._rank(current, peer) < self._rank(link, peer)
             drop = link if keep_current else current
             self.log.info("Two links with {node}; keeping the one its lower-id end dialed", node=peer.node)
+            # The Goodbye first: parking a dialer aborts its link if it is still handshaking.
             drop.goodbye(GoodbyeCode.Duplicate, "another link with this node is kept")
             if drop.dialed:
                 self.park(drop.address)
             if keep_current:
-                return
+                return False
         link.peer = peer
         peer.link = link
         peer.linked = True
@@ -285,6 +317,7 @@ class Mesh(MultiService):
         if new_address:
             self._tell_others(link, encode_peers([Peer(peer.node, peer.address)]))
         self.learn(hello.peers)
+        return True
 
     def _preferred(self, link: Link, peer: PeerState) -> bool:
         """Whether ``link`` was dialed by the lower-id end: the link both ends keep."""
@@ -339,18 +372,19 @@ class Mesh(MultiService):
 
     def _tell_others(self, source: Link, payload: bytes) -> None:
         for other in self.links:
-            if other is not source and other.remote is not None:
+            if other is not source and other.is_open:
                 other.send(payload)
 
     # -- interest -------------------------------------------------------------------
 
     def _interest_changed(self, channel: str, present: bool) -> None:
         self._pending_interest[channel] = present
-        if self._interest_flush is None or not self._interest_flush.active():
-            self._interest_flush = self.clock.callLater(0, self._flush_interest)
+        self.turn.want(EndOfTurn.ANNOUNCE)
 
     def _flush_interest(self) -> None:
         pending, self._pending_interest = self._pending_interest, {}
+        if not pending or not self.running:
+            return
         add = [c for c, present in pending.items() if present]
         remove = [c for c, present in pending.items() if not present]
         frames = [encode_interest(chunk, []) for chunk in _chunks(add, self._budget())]
@@ -363,16 +397,16 @@ class Mesh(MultiService):
                     link.send(payload)
 
     def interest_received(self, link: Link, interest: Interest) -> None:
+        """Raises :class:`~meshd.mesh.link.Violation` past the bounds on channel names."""
         peer = link.peer
         if peer is None or peer.link is not link:
             return
         if any(len(c) > MAX_CHANNEL_BYTES for c in interest.add):
-            link.violation(f"a channel name over {MAX_CHANNEL_BYTES} bytes")
-            return
+            raise Violation(f"a channel name over {MAX_CHANNEL_BYTES} bytes")
         peer.interests.update(interest.add)
         peer.interests.difference_update(interest.remove)
         if len(peer.interests) > MAX_PEER_CHANNELS:
-            link.violation(f"interest in over {MAX_PEER_CHANNELS} channels")
+            raise Violation(f"interest in over {MAX_PEER_CHANNELS} channels")
 
     # -- routing --------------------------------------------------------------------
 
@@ -386,8 +420,11 @@ class Mesh(MultiService):
         exclude_session: Optional[UUID] = None,
         exclude_node: Optional[UUID] = None,
     ) -> int:
-        """Send an event that originates here to the peers that need it; return how many."""
-        if kind == RouteKind.WatcherNotification and not self.settings.forward_watchers:
+        """Send an event that originates here to the peers that need it; return how many.
+
+        Nothing while the mesh service is not running.
+        """
+        if not self.running or (kind == RouteKind.WatcherNotification and not self.settings.forward_watchers):
             return 0
         by_interest = kind == RouteKind.ChannelMessage
         targets = [
@@ -406,7 +443,6 @@ class Mesh(MultiService):
             self.log.error("Not routing an event: {error}", error=e)
             return 0
         now = self.clock.seconds()
-        metrics = self.app.metrics
         for peer in targets:
             outbox = peer.outbox
             outbox.append(self.seq, data, now)
@@ -416,23 +452,22 @@ class Mesh(MultiService):
                     outbox.trim()  # written already; kept only in case the link breaks
             elif outbox.over:
                 self._dropped(peer, outbox.clear(), "bytes")
-        metrics.mesh_routed_sent += len(targets)
+        self.metrics.mesh_routed_sent += len(targets)
         return len(targets)
 
     def routed_received(self, link: Link, routed: Routed) -> None:
+        """Deliver a peer's routed frame here, once; raises :class:`~meshd.mesh.link.Violation` if it is not one."""
         peer = link.peer
         if routed.origin is not peer.node and routed.origin != peer.node:  # decode() reuses peer.node
-            link.violation(f"routed frame from {routed.origin}, not from the linked node {peer.node}")
-            return
+            raise Violation(f"routed frame from {routed.origin}, not from the linked node {peer.node}")
         if routed.seq <= peer.received_seq:
-            self.app.metrics.mesh_duplicates += 1
+            self.metrics.mesh_duplicates += 1
             return
         if routed.frame[4:8] != b"MSH1":
-            link.violation("routed frame does not carry a client frame")
-            return
+            raise Violation("routed frame does not carry a client frame")
         peer.received_seq = routed.seq
-        self.app.metrics.mesh_routed_received += 1
-        self.app.state.deliver_routed(routed)
+        self.metrics.mesh_routed_received += 1
+        self._deliver(routed)
 
     def _expire(self) -> None:
         now = self.clock.seconds()
@@ -452,7 +487,7 @@ class Mesh(MultiService):
     def _dropped(self, peer: PeerState, count: int, bound: str) -> None:
         if not count:
             return
-        self.app.metrics.mesh_queue_dropped += count
+        self.metrics.mesh_queue_dropped += count
         self.log.warn(
             "Dropped {count} queued frames for {node}: past queue_max_{bound}", count=count,
             node=peer.node, bound=bound,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh -*-
+# -*- test-case-name: tests.test_mesh_security tests.test_tls -*-
 """Mutual TLS for mesh links: both sides present a certificate the cluster CA signed."""
 
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from OpenSSL.SSL import WantReadError
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -17,58 +15,8 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
-from meshd.session import write_now
-
-
-class LinkTLSProtocol(TLSMemoryBIOProtocol):
-    """TLS for a link, whose records go to the kernel as soon as they are made.
-
-    Twisted's TLS layer writes its records to the TCP transport, which
-    keeps them until the reactor polls again (and meanwhile may read and
-    handle another batch of publishes), registering for write events and
-    unregistering once written: two ``epoll_ctl`` calls per write.  Here the
-    records of one write (one per 16 KiB) are gathered and handed to
-    :func:`~meshd.session.write_now` together: one ``send()`` per flush.
-    """
-
-    _gathered: "list[bytes] | None" = None
-
-    def _write(self, data: bytes) -> None:
-        self._gathered = gathered = []
-        try:
-            super()._write(data)
-        finally:
-            self._gathered = None
-            if gathered:
-                self._send(b"".join(gathered))
-
-    def _flushSendBIO(self) -> None:
-        try:
-            records = self._tlsConnection.bio_read(2**15)
-        except WantReadError:  # nothing to send
-            return
-        if self._gathered is not None:
-            self._gathered.append(records)
-        else:
-            self._send(records)
-
-    def _send(self, records: bytes) -> None:
-        if self._aborted:
-            # What an aborted connection says goes nowhere, as with Twisted's own.
-            self.transport.write(records)
-        else:
-            write_now(self.transport, records)
-
-
-class LinkTLSFactory(TLSMemoryBIOFactory):
-    """TLS for links, without Twisted's aggregation of small writes.
-
-    A link already gathers its frames of one reactor turn into one write;
-    Twisted's default TLS transport would hold that write for one more
-    reactor iteration, which under load is a whole batch of publishes later.
-    """
-
-    protocol = LinkTLSProtocol
+# The TLS layer of links (records of one write gathered into one send()) is
+# meshd._io.LinkTLSFactory.
 
 
 class CredentialsError(ValueError):

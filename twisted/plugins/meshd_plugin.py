@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_config -*-
 """Registers ``twistd meshd``; the wiring lives in :mod:`meshd.tap`."""
 
 from twisted.application.service import ServiceMaker

@@ -1,0 +1,576 @@
+# -*- test-case-name: tests.test_io -*-
+"""Every byte meshd writes, and the one place that reaches into Twisted's and Autobahn's internals.
+
+Nothing else in meshd reads a private attribute of Twisted or Autobahn.
+What is used here, and why, is listed in :data:`INTERNALS`;
+``tests/test_io.py`` checks that each still exists and behaves, so that an
+upgrade of either fails CI rather than production, and each use falls back
+to a public API when its internal is missing (:func:`missing_internals`).
+
+The pieces:
+
+- :class:`Outlet`: one connection's output, shared by WebSocket sessions and
+  mesh links.  What is written during a reactor turn is gathered and
+  written at its end in one piece; every byte counts against one bound
+  (events, batches, answers and Autobahn's own frames alike); the outlet is
+  its transport's streaming producer, so it knows when the peer stops
+  reading.
+- :class:`EndOfTurn`: the one end-of-turn scheduler.  Its steps run once per
+  turn, in a fixed order (see the class).
+- :func:`write_now`: a write that reaches the kernel in the same call when
+  nothing is queued before it.
+- :class:`LinkTLSFactory` and :func:`link_tls_endpoint`: TLS whose records
+  of one write leave in one ``send()``.
+- :func:`use_exact_timers`: Autobahn's timeouts at the reactor's precision.
+- :class:`FastServerProtocol`: Autobahn's server protocol fed by the sans-IO
+  splitter (:mod:`meshd.wsframes`), with its writes going through an outlet.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL.SSL import WantReadError
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.tcp import Client, Server
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from meshd import wsframes
+
+#: The private attributes used here, by owner, with what each is for.
+INTERNALS = {
+    "twisted.internet.tcp.Connection": {
+        "writeSomeData": "write_now: hand bytes to send() directly",
+        "_tempDataLen": "write_now: bytes Twisted holds that are not in dataBuffer yet",
+        "dataBuffer": "write_now: Twisted's write buffer",
+        "offset": "write_now: how much of dataBuffer was sent",
+        "_aborting": "write_now: abortConnection was called",
+    },
+    "twisted.protocols.tls.TLSMemoryBIOProtocol": {
+        "_write": "LinkTLSProtocol: gather the records of one write",
+        "_flushSendBIO": "LinkTLSProtocol: take records out of OpenSSL's send BIO",
+        "_tlsConnection": "LinkTLSProtocol: the OpenSSL connection",
+        "_aborted": "LinkTLSProtocol: abortConnection was called",
+    },
+    "autobahn.websocket.protocol.WebSocketProtocol": {
+        "_dataReceived": "FastServerProtocol: Autobahn's parser, without its per-read log formatting",
+        "data": "FastServerProtocol: Autobahn's input buffer",
+        "current_frame": "FastServerProtocol: Autobahn is inside a frame",
+        "inside_message": "FastServerProtocol: Autobahn is inside a fragmented message",
+        "consumeData": "FastServerProtocol: let Autobahn parse its buffer",
+        "autoPingTimeoutCall": "FastServerProtocol: any traffic answers a ping",
+        "_cancelAutoPingTimeoutCall": "FastServerProtocol: any traffic answers a ping",
+    },
+    "autobahn.websocket.protocol.WebSocketServerFactory": {
+        "_batched_timer": "use_exact_timers: Autobahn's timers round deadlines to a whole second",
+    },
+}
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_PLAIN_TCP = (Server, Client)
+
+
+def missing_internals() -> list[str]:
+    """The internals in :data:`INTERNALS` that this Twisted and Autobahn lack (none, when covered)."""
+    from autobahn.websocket.protocol import WebSocketServerFactory
+    from twisted.internet.tcp import Connection
+
+    owners = {
+        "twisted.internet.tcp.Connection": Connection,
+        "twisted.protocols.tls.TLSMemoryBIOProtocol": TLSMemoryBIOProtocol,
+        "autobahn.websocket.protocol.WebSocketProtocol": WebSocketProtocol,
+        "autobahn.websocket.protocol.WebSocketServerFactory": WebSocketServerFactory,
+    }
+    missing = []
+    for owner, names in INTERNALS.items():
+        cls = owners[owner]
+        source = _source_names(cls)
+        for name in names:
+            if not hasattr(cls, name) and name not in source:
+                missing.append(f"{owner}.{name}")
+    return missing
+
+
+def _source_names(cls) -> set:
+    """Names assigned as ``self.NAME`` anywhere in ``cls``'s methods (instance attributes)."""
+    names: set = set()
+    for klass in cls.__mro__:
+        for value in vars(klass).values():
+            code = getattr(value, "__code__", None)
+            if code is not None:
+                names.update(code.co_names)
+    return names
+
+
+_MISSING = frozenset(missing_internals())
+#: Whether the direct write can be used (else: ``transport.write``).
+DIRECT_WRITE = not any(m.startswith("twisted.internet.tcp.") for m in _MISSING)
+#: Whether TLS records can be gathered (else: Twisted's own TLS writes).
+GATHER_TLS = not any(m.startswith("twisted.protocols.tls.") for m in _MISSING)
+#: Whether the node splits client frames itself (else: Autobahn's parser, ``onMessage``).
+FAST_PATH = not any(m.startswith("autobahn.websocket.protocol.WebSocketProtocol.") for m in _MISSING)
+#: Whether Autobahn's timers can be made exact (else: they stay rounded).
+EXACT_TIMERS = not any(m.startswith("autobahn.websocket.protocol.WebSocketServerFactory.") for m in _MISSING)
+
+
+# -- the direct write ----------------------------------------------------------------
+
+
+def write_now(transport, data: bytes) -> None:
+    """Write ``data`` to ``transport``, to the kernel at once when nothing is queued before it.
+
+    On a plain TCP connection whose Twisted buffer is empty this is one
+    ``send()`` system call, with no registration for write events (two
+    ``epoll_ctl`` calls otherwise) and no wait for the next poll; what the
+    kernel does not take, and anything on other transports, goes through
+    ``transport.write`` as usual.
+    """
+    if (
+        DIRECT_WRITE
+        and type(transport) in _PLAIN_TCP
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # else the connection is gone: the buffered write fails again at the
+        # next poll, where the reactor closes the connection, also when it
+        # no longer reads from it.
+    transport.write(data)
+
+
+# -- one connection's output -----------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class Outlet:
+    """One connection's output: gathered per reactor turn, bounded, and told when the peer stops reading.
+
+    :meth:`write` queues bytes for the end of the turn (:class:`EndOfTurn`
+    writes them in one piece); :meth:`write_through` writes at once, after
+    what is queued (for frames whose timing matters to their sender, such as
+    Autobahn's close frames).  Both count against ``limit``: the outlet is
+    its transport's streaming producer, and once the transport has asked it
+    to pause and stayed full past the end of that reactor turn, every byte
+    written is added to :attr:`backlog`.  Past ``limit`` the peer is too slow,
+    ``on_overflow`` is called once and :meth:`write` refuses what follows.
+    A burst written within one turn is not counted: the peer has had no
+    chance to read any of it yet.  The count restarts only when the
+    transport has written everything out (``resumeProducing``).
+    """
+
+    __slots__ = (
+        "transport", "turn", "limit", "on_overflow", "accepting", "overflowed", "written", "backlog",
+        "_pending", "_paused", "_counting", "_arming", "_clock",
+    )
+
+    log = Logger()
+
+    def __init__(
+        self,
+        transport,
+        turn: "EndOfTurn",
+        limit: int,
+        on_overflow: Callable[[], None],
+        accepting: bool = True,
+    ) -> None:
+        self.transport = transport
+        self.turn = turn
+        self.limit = limit
+        self.on_overflow = on_overflow
+        #: Whether :meth:`write` takes data: not before a WebSocket is open,
+        #: nor once it is closing, nor past the limit.
+        self.accepting = accepting
+        #: Past the limit.
+        self.overflowed = False
+        #: Bytes handed to the transport so far.
+        self.written = 0
+        #: Bytes written while the transport stayed full (see the class).
+        self.backlog = 0
+        self._pending: list[bytes] = []
+        self._paused = False
+        self._counting = False
+        self._arming = None
+        self._clock = turn.clock
+        transport.registerProducer(self, True)
+
+    def __repr__(self) -> str:
+        return f"<Outlet backlog={self.backlog} pending={len(self._pending)}>"
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for the end of this turn."""
+        return sum(map(len, self._pending))
+
+    def write(self, data: bytes) -> bool:
+        """Queue ``data`` for the end of the turn; False if not :attr:`accepting` (closing, over the limit)."""
+        if not self.accepting:
+            return False
+        if self._counting and self._count(len(data)):
+            return False
+        pending = self._pending
+        pending.append(data)
+        if len(pending) == 1:
+            self.turn.dirty(self)
+        return True
+
+    def write_through(self, data: bytes) -> None:
+        """Write ``data`` now, after what is queued; counted, but never refused."""
+        if self._counting:
+            self._count(len(data))
+        pending = self._pending
+        if pending:
+            pending.append(data)
+            self.flush()
+        elif self.transport is not None:
+            self.written += len(data)
+            write_now(self.transport, data)
+
+    def flush(self) -> None:
+        """Write what is queued, in one piece."""
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        if self.transport is not None:
+            self.written += len(data)
+            write_now(self.transport, data)
+
+    def discard(self) -> None:
+        """Drop what is queued (the connection is being aborted)."""
+        self._pending.clear()
+
+    def _count(self, size: int) -> bool:
+        """Add ``size`` to the backlog; True (once) when that puts it over the limit."""
+        self.backlog += size
+        if self.backlog <= self.limit or self.overflowed:
+            return self.overflowed
+        self.overflowed = True
+        self.accepting = False
+        self._pending.clear()
+        self.on_overflow()
+        return True
+
+    # -- IPushProducer: the transport says when its buffer is full, and when it drained
+
+    def pauseProducing(self) -> None:
+        # Twisted's TCP transport calls this on every write while its buffer
+        # is over its size: only the first call starts anything.
+        if self._paused:
+            return
+        self._paused = True
+        if self._clock is None:
+            self._counting = True
+        else:
+            self._arming = self._clock.callLater(0, self._start_counting)
+
+    def _start_counting(self) -> None:
+        self._arming = None
+        if self._paused:
+            self._counting = True
+
+    def resumeProducing(self) -> None:
+        if self._arming is not None:
+            if self._arming.active():
+                self._arming.cancel()
+            self._arming = None
+        self._paused = False
+        self._counting = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class EndOfTurn:
+    """Runs the per-turn steps once, at the end of a reactor turn, in a fixed order.
+
+    Work that many events of one turn share is put off until the turn ends
+    (``callLater(0)``: before the reactor polls again, so nothing waits longer
+    than it would in Twisted's own write buffer).  The steps, in order:
+
+    1. :data:`COALESCE`: sessions that take Batch frames turn the channel
+       events queued for them this turn into frames (:mod:`meshd.delivery`);
+       they write into outlets, so this comes before the flush.
+    2. :data:`ANNOUNCE`: the mesh sends this turn's changes of channel
+       interest to its links; also into outlets.
+    3. The flush: every outlet written to this turn writes its bytes in one
+       piece, one write per connection.
+
+    A step that raises is logged and the others still run.
+    """
+
+    COALESCE = 0
+    ANNOUNCE = 1
+
+    log = Logger()
+
+    __slots__ = ("clock", "_steps", "_wanted", "_dirty", "_call")
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self._steps: list[Optional[Callable[[], None]]] = [None, None]
+        self._wanted = [False, False]
+        self._dirty: list[Outlet] = []
+        self._call = None
+
+    def register(self, step: int, run: Callable[[], None]) -> None:
+        """Make ``run`` the step ``step`` (:data:`COALESCE` or :data:`ANNOUNCE`)."""
+        if self._steps[step] is not None:
+            raise ValueError(f"step {step} has a runner already")
+        self._steps[step] = run
+
+    def want(self, step: int) -> None:
+        """Run ``step`` at the end of this turn."""
+        self._wanted[step] = True
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.run)
+
+    def dirty(self, outlet: Outlet) -> None:
+        """Flush ``outlet`` at the end of this turn."""
+        self._dirty.append(outlet)
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.run)
+
+    def run(self) -> None:
+        """Run the wanted steps and flush, now (the end of the turn)."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        wanted, steps = self._wanted, self._steps
+        for step, run in enumerate(steps):
+            if wanted[step]:
+                wanted[step] = False
+                if run is not None:
+                    try:
+                        run()
+                    except Exception:
+                        self.log.failure("End-of-turn step {step} failed", step=step)
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for outlet in dirty:
+                try:
+                    outlet.flush()
+                except Exception:  # one broken connection must not stall the others
+                    self.log.failure("Writing to {outlet} failed", outlet=outlet)
+
+
+# -- TLS records, gathered --------------------------------------------------------------
+
+
+class LinkTLSProtocol(TLSMemoryBIOProtocol):
+    """TLS whose records go to the kernel as soon as they are made, one ``send()`` per write.
+
+    Twisted's TLS layer writes its records to the TCP transport, which
+    keeps them until the reactor polls again, registering for write events
+    and unregistering once written: two ``epoll_ctl`` calls per write.  Here
+    the records of one write (one per 16 KiB) are gathered and handed to
+    :func:`write_now` together.
+    """
+
+    _gathered: "list[bytes] | None" = None
+
+    def _write(self, data: bytes) -> None:
+        if not GATHER_TLS:
+            super()._write(data)
+            return
+        self._gathered = gathered = []
+        try:
+            super()._write(data)
+        finally:
+            self._gathered = None
+            if gathered:
+                self._send(b"".join(gathered))
+
+    def _flushSendBIO(self) -> None:
+        if not GATHER_TLS:
+            super()._flushSendBIO()
+            return
+        try:
+            records = self._tlsConnection.bio_read(2**15)
+        except WantReadError:  # nothing to send
+            return
+        if self._gathered is not None:
+            self._gathered.append(records)
+        else:
+            self._send(records)
+
+    def _send(self, records: bytes) -> None:
+        if self._aborted:
+            # What an aborted connection says goes nowhere, as with Twisted's own.
+            self.transport.write(records)
+        else:
+            write_now(self.transport, records)
+
+
+class LinkTLSFactory(TLSMemoryBIOFactory):
+    """TLS for links, without Twisted's aggregation of small writes.
+
+    A link already gathers its frames of one reactor turn into one write;
+    Twisted's default TLS transport would hold that write for one more
+    reactor iteration, which under load is a whole batch of publishes later.
+    """
+
+    protocol = LinkTLSProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class _TLSClientEndpoint:
+    """``wrapClientTLS``, with :class:`LinkTLSFactory` in place of Twisted's TLS factory."""
+
+    def __init__(self, options, endpoint: IStreamClientEndpoint) -> None:
+        self._options = options
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        return self._endpoint.connect(LinkTLSFactory(self._options, True, factory)).addCallback(
+            lambda tls: tls.wrappedProtocol
+        )
+
+
+def link_tls_endpoint(options, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
+    """A client endpoint that speaks TLS (``options``) over ``endpoint``, records gathered."""
+    return _TLSClientEndpoint(options, endpoint)
+
+
+# -- Autobahn -----------------------------------------------------------------------------
+
+
+class _ExactCall:
+    __slots__ = ("_call",)
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class _ExactTimer:
+    """Autobahn's batched timer interface, at the precision of the reactor's ``callLater``."""
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+
+    def call_later(self, delay: float, func, *args, **kwargs) -> _ExactCall:
+        return _ExactCall(self._clock.callLater(delay, func, *args, **kwargs))
+
+
+def use_exact_timers(factory, clock) -> bool:
+    """Make ``factory``'s connections time out when configured, on ``clock``.
+
+    Autobahn's timers (opening and closing handshake, auto-ping) go through
+    txaio's batched timer, which rounds each deadline down to a whole second
+    of the clock: a 1 s opening-handshake timeout can fire after 0 s.
+    Returns whether the timers are exact.
+    """
+    if not EXACT_TIMERS:
+        return False
+    factory._batched_timer = _ExactTimer(clock)
+    return True
+
+
+class FastServerProtocol(WebSocketServerProtocol):
+    """Autobahn's server protocol, with client frames split by :func:`meshd.wsframes.split`.
+
+    Autobahn's frame parser costs more than everything the node does with a
+    Publish: it builds a frame object and an unmasker per frame and re-slices
+    its buffer after each one.  While the connection is open and Autobahn is
+    not inside a frame, whole final masked binary frames go straight to
+    :meth:`binary_received`; from the first other frame on (control frames,
+    fragments, text, oversized frames), Autobahn's parser takes the rest from
+    that frame boundary and answers it as before, calling ``onMessage``.
+
+    Everything the protocol writes, handshake and Autobahn's own frames
+    included, goes through :attr:`outlet` once :meth:`outlet_for` gave one.
+    Subclasses set :attr:`fast_limit` (0: no fast path) and implement
+    :meth:`binary_received` and :meth:`outlet_for`.
+    """
+
+    #: The largest payload taken by the fast path; 0 while it is off.
+    fast_limit = 0
+    outlet: Optional[Outlet] = None
+
+    def outlet_for(self, transport) -> Optional[Outlet]:
+        """The outlet for this connection's writes (None: Autobahn writes to the transport)."""
+        return None
+
+    def binary_received(self, payload: bytes) -> None:
+        """One whole binary message from the client."""
+        raise NotImplementedError
+
+    def connectionMade(self) -> None:
+        # Autobahn sets TCP_NODELAY from ``self.tcpNoDelay`` before it copies
+        # the factory's options onto the protocol, so on its own the option
+        # never takes effect; without it Nagle's algorithm holds small event
+        # frames back until the client's delayed ACK (tens of milliseconds).
+        self.tcpNoDelay = self.factory.tcpNoDelay
+        self.outlet = self.outlet_for(self.transport)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not FAST_PATH:
+            super().dataReceived(data)
+            return
+        # Autobahn's own dataReceived formats its debug-log arguments on every
+        # read with logging off (about 2.5 us), then calls _dataReceived.
+        if not self.fast_limit or self.state != _OPEN or self.current_frame is not None or self.inside_message:
+            self._dataReceived(data)
+            return
+        buf = self.data + data if self.data else data
+        found = wsframes.split(buf, self.fast_limit)
+        taken = 0
+        closing = False
+        try:
+            for payload in found.payloads:
+                taken += 1
+                self.binary_received(payload)
+                if self.state != _OPEN:
+                    closing = True  # Autobahn deals with what follows (the client's close frame)
+                    break
+        finally:
+            # Also when a handler raises: the rest of the read stays, from a frame boundary.
+            at = found.ends[taken - 1] if taken else 0
+            self.data = buf[at:] if at else buf
+            if taken and self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
+        if self.data and (found.fallback or closing):
+            self.consumeData()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
+        outlet = self.outlet
+        if outlet is None or sync or chopsize:
+            if outlet is not None:
+                outlet.flush()
+            super().sendData(data, sync, chopsize)
+            return
+        outlet.write_through(data)
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply: bool = False) -> None:
+        # The one way out of the open state with the connection still up:
+        # after a close frame, no data frame may follow.
+        outlet = self.outlet
+        if outlet is not None:
+            outlet.accepting = False
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    def connectionLost(self, reason) -> None:
+        outlet = self.outlet
+        if outlet is not None:
+            outlet.accepting = False
+            outlet.discard()
+            outlet.transport = None
+        super().connectionLost(reason)
