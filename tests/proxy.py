@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import Optional
 
 
 class Proxy:
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
+    """Listens on a loopback port of its own (``port``) and forwards to ``target_port``.
+
+    Until ``target_port`` is set, every connection is closed as soon as it is accepted.
+    """
+
+    def __init__(self, target_port: Optional[int] = None) -> None:
+        self.target_port = target_port
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -26,11 +32,11 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if self.blocked:
+            if self.blocked or self.target_port is None:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
                 client.close()
                 continue

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -97,6 +98,12 @@ def env() -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago; racy, as another process may take it first.
+
+    Only for a mesh listener whose address a test must advertise before its
+    node starts: a node cannot yet advertise a port it bound as port 0.
+    Everything else listens on port 0 and reads the port it bound.
+    """
     import socket
 
     with socket.socket() as s:
@@ -104,14 +111,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class NodeProcess:
-    """``twistd -n meshd`` in a child process, stopped by :meth:`stop`."""
+def refusing_port(testcase: unittest.TestCase) -> int:
+    """A loopback port that refuses connections until the test's cleanup.
 
-    def __init__(self, *args: str, cwd: Path, port: Optional[int] = None) -> None:
-        self.port = port or free_port()
+    A socket stays bound to it without listening, so nothing else can
+    listen there while the test runs.
+    """
+    import socket
+
+    s = socket.socket()
+    testcase.addCleanup(s.close)
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+#: Twisted logs ``<factory> starting on <port>`` once a port listens; which
+#: of a node's listeners each factory serves.
+LISTENERS = {"MeshServerFactory": "websocket", "Site": "metrics", "LinkFactory (TLS)": "mesh"}
+_STARTING = re.compile(r"\] (.+) starting on (\d+)\n")
+
+
+class NodeProcess:
+    """``twistd -n meshd`` in a child process, stopped by :meth:`stop`.
+
+    Without ``--config`` the node listens on port 0; :meth:`wait_listening`
+    reads the ports it bound from its log.
+    """
+
+    def __init__(self, *args: str, cwd: Path) -> None:
         cwd = cwd.resolve()
         self.log = cwd / "node.log"
-        listen = [] if "--config" in args else ["--listen", f"tcp:{self.port}:interface=127.0.0.1"]
+        listen = [] if "--config" in args else ["--listen", "tcp:0:interface=127.0.0.1"]
         self.proc = subprocess.Popen(
             [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log), "meshd", *listen, *args],
             cwd=cwd,
@@ -119,21 +149,29 @@ class NodeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        self.url = f"ws://127.0.0.1:{self.port}"
+        #: The port each listener bound ("websocket", "metrics", "mesh"), from the log.
+        self.ports: dict[str, int] = {}
 
-    def wait_listening(self, timeout: float = 20.0) -> None:
-        import socket
+    @property
+    def port(self) -> int:
+        return self.ports["websocket"]
 
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def wait_listening(self, listeners: Sequence[str] = ("websocket",), timeout: float = 20.0) -> None:
+        """Wait until the log says each of ``listeners`` is listening, and note its port."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}: {self.output()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            text = self.log.read_text() if self.log.exists() else ""
+            self.ports = {LISTENERS[name]: int(port) for name, port in _STARTING.findall(text) if name in LISTENERS}
+            if all(name in self.ports for name in listeners):
                 return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"node did not listen within {timeout}s: {self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"node did not log {', '.join(listeners)} listening within {timeout}s: {self.output()}")
 
     def output(self) -> str:
         """The node's log, and what it printed if it has exited."""

@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from twisted.trial import unittest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import run  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 
 class BenchSmokeTests(unittest.SynchronousTestCase):

@@ -10,7 +10,7 @@ from meshd.codec import ErrorCode, Opcode
 from meshd.config import Config
 from pathlib import Path
 
-from .support import NodeTestCase, free_port
+from .support import NodeTestCase, refusing_port
 
 
 class ClientTests(NodeTestCase):
@@ -40,7 +40,7 @@ class ClientTests(NodeTestCase):
     async def test_nothing_listening(self) -> None:
         """connect() fails with the connection error when nothing listens."""
         with self.assertRaises(ConnectionRefusedError):
-            await connect(f"ws://127.0.0.1:{free_port()}", reactor=reactor)
+            await connect(f"ws://127.0.0.1:{refusing_port(self)}", reactor=reactor)
 
     async def test_requests_after_close(self) -> None:
         """Pending and later requests fail with ConnectionClosed once the connection ends."""

@@ -10,39 +10,48 @@ from pathlib import Path
 from typing import Optional
 from uuid import UUID
 
+import pytest
 from twisted.trial import unittest
 
 from .proxy import Proxy
 from .support import NodeProcess, free_port
 from .test_processes import Background, meshctl
 
+pytestmark = pytest.mark.slow
+
 NODE_IDS = [UUID(int=i + 1) for i in range(3)]  # fixed, so the tests know who dials whom
 
 
 class ClusterNode:
+    """A node's configuration, and the process that runs it once started.
+
+    Its WebSocket and metrics listeners bind port 0, and so does its mesh
+    listener when it advertises another address (a proxy's); otherwise the
+    mesh port is chosen beforehand, as the node must advertise it.
+    """
+
     def __init__(self, testcase, directory: Path, index: int, seeds: list[str], forward_watchers: bool = True,
-                 mesh_port: Optional[int] = None, advertise: Optional[str] = None) -> None:
+                 advertise: Optional[str] = None) -> None:
         self.testcase, self.index = testcase, index
-        self.ws_port, self.metrics_port = free_port(), free_port()
-        self.mesh_port = mesh_port or free_port()
-        self.advertise = advertise or f"127.0.0.1:{self.mesh_port}"
+        mesh_port = 0 if advertise else free_port()
+        self.advertise = advertise or f"127.0.0.1:{mesh_port}"
         self.node_id = NODE_IDS[index]
         self.config = directory / f"n{index}.toml"
         self.config.write_text(f"""
 [node]
 id = "{self.node_id}"
 [websocket]
-listen = ["tcp:{self.ws_port}:interface=127.0.0.1"]
+listen = ["tcp:0:interface=127.0.0.1"]
 [[rules]]
 match = "*"
 anonymous = ["subscribe", "publish", "watch"]
 [metrics]
-listen = "tcp:{self.metrics_port}:interface=127.0.0.1"
+listen = "tcp:0:interface=127.0.0.1"
 [extensions]
 modules = ["tests.mesh_extension"]
 [mesh]
 cluster = "test"
-listen = "tcp:{self.mesh_port}:interface=127.0.0.1"
+listen = "tcp:{mesh_port}:interface=127.0.0.1"
 advertise = "{self.advertise}"
 seeds = {json.dumps(seeds)}
 ca = "certs/ca.pem"
@@ -58,18 +67,23 @@ forward_watchers = {"true" if forward_watchers else "false"}
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}"
+        return self.process.url
+
+    @property
+    def mesh_port(self) -> int:
+        """The port the running node's mesh listener bound."""
+        return self.process.ports["mesh"]
 
     def start(self) -> "ClusterNode":
         run = self.directory / f"run{self.index}-{time.monotonic_ns()}"
         run.mkdir()
-        self.process = NodeProcess("--config", str(self.config), cwd=run, port=self.ws_port)
+        self.process = NodeProcess("--config", str(self.config), cwd=run)
         self.testcase.addCleanup(self.process.stop)
-        self.process.wait_listening()
+        self.process.wait_listening(("websocket", "metrics", "mesh"))
         return self
 
     def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.process.ports['metrics']}/metrics", timeout=5) as r:
             text = r.read().decode()
         match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
         return float(match.group(1)) if match else 0.0
@@ -177,15 +191,16 @@ class LinkCutTests(ClusterTestCase):
     def test_cut_and_restored_within_the_bound(self) -> None:
         """A link cut and restored within the queue bound loses and duplicates nothing."""
         directory = self.make_certs()
-        mesh_ports = [free_port(), free_port()]
-        proxies = [Proxy(port) for port in mesh_ports]
+        proxies = [Proxy(), Proxy()]
         for proxy in proxies:
             self.addCleanup(proxy.close)
-        # Every byte between the two nodes goes through a proxy: each advertises its proxy.
-        a = ClusterNode(self, directory, 0, [f"127.0.0.1:{proxies[1].port}"], mesh_port=mesh_ports[0],
+        # Every byte between the two nodes goes through a proxy: each advertises its proxy,
+        # which forwards to the mesh port the node bound.
+        a = ClusterNode(self, directory, 0, [f"127.0.0.1:{proxies[1].port}"],
                         advertise=f"127.0.0.1:{proxies[0].port}").start()
-        b = ClusterNode(self, directory, 1, [], mesh_port=mesh_ports[1],
-                        advertise=f"127.0.0.1:{proxies[1].port}").start()
+        proxies[0].target_port = a.mesh_port
+        b = ClusterNode(self, directory, 1, [], advertise=f"127.0.0.1:{proxies[1].port}").start()
+        proxies[1].target_port = b.mesh_port
         wait(lambda: a.metric("meshd_mesh_links") == 1 and b.metric("meshd_mesh_links") == 1, "the link")
         total = 30
         sub = self.subscribe(b, "sub", "room", "--count", str(total))

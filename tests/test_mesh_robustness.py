@@ -90,10 +90,14 @@ class GossipTests(MeshTestCase):
         """A gossiped node with an address that cannot be dialed is ignored; others still link."""
         a, b = await self.cluster_of(2)
         proto = await self.tls_link(a)
-        proto.transport.write(frame(encode_hello(LinkHello(node=uuid.uuid4(), cluster="test", version=1,
+        gossip = uuid.uuid4()
+        proto.transport.write(frame(encode_hello(LinkHello(node=gossip, cluster="test", version=1,
                                                            address="127.0.0.1:1", incarnation=5)), 1 << 20))
         proto.transport.write(frame(encode_peers([Peer(uuid.uuid4(), "bogus")]), 1 << 20))
-        await sleep(0.3)
+        # A link's frames are handled in order: once a knows of this interest, it has handled the Peers.
+        proto.transport.write(frame(encode_interest(["after the peers"], []), 1 << 20))
+        await self.wait_for(lambda: gossip in a.mesh.peers and "after the peers" in a.mesh.peers[gossip].interests,
+                            "the frame after the Peers")
         self.assertNotIn("bogus", [p.address for p in a.mesh.peers.values()])
         c = await self.start_mesh_node(self.settings(2, [a.address]), name="c")
         await self.wait_for(lambda: c.links() == 2, "c links with a and b")
@@ -165,7 +169,8 @@ class RefusalReasonTests(MeshTestCase):
         port = a.address.split(":")[1]
         b = await self.start_mesh_node(self.settings(1, [a.address, f"localhost:{port}"]))
         await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "a link")
-        await sleep(1.0)
+        # Until b has linked under the other address as well and dropped that link, a second one could come.
+        await self.wait_for(lambda: len(b.mesh.dialers) <= 1, "b to stop dialing one of the addresses")
         self.assertEqual((a.links(), b.links()), (1, 1))
         live = lambda n: [l for l in n.mesh.links if not l.closing]  # noqa: E731
         self.assertEqual((len(live(a)), len(live(b))), (1, 1))
@@ -176,7 +181,7 @@ class LifecycleTests(MeshTestCase):
         """Stopping the mesh closes links still in their handshake, and refuses late hellos."""
         a = await self.start_mesh_node(self.settings(0))
         proto = await self.tls_link(a)
-        await sleep(0.2)
+        await self.wait_for(lambda: proto.handshaken and len(a.mesh.links) == 1, "the TLS handshake")
         await a.app.mesh.stopService()
         await self.wait_for(lambda: proto.lost is not None, "the connection to close")
         self.assertIsInstance(frames(proto)[-1], Goodbye)

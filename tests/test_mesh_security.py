@@ -16,7 +16,6 @@ from meshd.mesh.framing import frame
 from meshd.mesh.wire import LinkHello, encode_hello
 
 from .meshsupport import MeshTestCase, Recorder
-from .support import sleep
 
 
 class RefusalTests(MeshTestCase):
@@ -38,7 +37,8 @@ class RefusalTests(MeshTestCase):
 
     async def assert_refused(self, node, words: str) -> None:
         await self.wait_for(lambda: any(words in line for line in self.logged), f"a log line with {words!r}")
-        await sleep(0.3)
+        # A connection can become a peer only while it is open; a dialer's next attempt comes after a pause.
+        await self.wait_for(lambda: not node.mesh.links, "no connection open at the node")
         self.assertEqual(node.mesh.peers, {}, "a refused node never becomes a peer")
         self.assertEqual(node.links(), 0)
         self.assertGreater(node.app.metrics.mesh_refusals, 0)

@@ -10,9 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from twisted.trial import unittest
 
-from .support import BIN, ROOT, NodeProcess, env, free_port
+from .support import BIN, ROOT, NodeProcess, env, refusing_port
+
+pytestmark = pytest.mark.slow
 
 
 def meshctl(*args: str, extra_env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -57,10 +60,10 @@ class Background:
 
 
 class ProcessTestCase(unittest.TestCase):
-    def node(self, *args: str, **kwargs) -> NodeProcess:
+    def node(self, *args: str) -> NodeProcess:
         cwd = Path(self.mktemp())
         cwd.mkdir(parents=True)
-        node = NodeProcess(*args, cwd=cwd, **kwargs)
+        node = NodeProcess(*args, cwd=cwd)
         self.addCleanup(node.stop)
         node.wait_listening()
         return node
@@ -90,7 +93,7 @@ class PubSubTests(ProcessTestCase):
 
     def test_unreachable(self) -> None:
         """meshctl exits 3 with a message when no node listens."""
-        result = meshctl("pub", "x", "y", "--url", f"ws://127.0.0.1:{free_port()}", "--timeout", "5")
+        result = meshctl("pub", "x", "y", "--url", f"ws://127.0.0.1:{refusing_port(self)}", "--timeout", "5")
         self.assertEqual(result.returncode, 3)
         self.assertIn("cannot reach", result.stderr)
 
@@ -124,14 +127,13 @@ class ConfigurationTests(ProcessTestCase):
 
     def test_rules_and_tokens(self) -> None:
         """With a configuration file, what the rules do not grant is refused to meshctl."""
-        port = free_port()
         config = Path(self.mktemp() + ".toml").resolve()
         config.write_text(
-            f'[websocket]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+            '[websocket]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
             '[auth.tokens]\nalice = "s3cret"\n'
             '[[rules]]\nmatch = "news"\nanonymous = ["subscribe"]\nauthenticated = ["publish"]\n'
         )
-        node = self.node("--config", str(config), port=port)
+        node = self.node("--config", str(config))
         sub = self.background("sub", "news", "--count", "1", "--url", node.url)
         sub.wait_status("subscribed")
         denied = meshctl("pub", "news", "anon", "--url", node.url)

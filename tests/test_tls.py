@@ -6,9 +6,8 @@ import ssl
 import warnings
 from pathlib import Path
 
-from twisted.application import strports
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
@@ -17,7 +16,7 @@ from meshd.config import Config
 from meshd.mesh.certs import create_ca, issue_node
 
 from .meshsupport import MeshTestCase, Recorder
-from .support import NodeTestCase, free_port, payloads, sleep
+from .support import NodeTestCase, payloads
 
 
 class SecureWebSocketTests(NodeTestCase):
@@ -26,18 +25,15 @@ class SecureWebSocketTests(NodeTestCase):
         certs = Path(self.mktemp()).resolve()
         create_ca(certs, "web")
         issue_node(certs, "web", ["127.0.0.1"])
-        port = free_port()
         app = await self.start_node(Config(hello_timeout=0.5))
-        service = strports.service(
-            f"ssl:{port}:interface=127.0.0.1:privateKey={certs / 'web.key'}:certKey={certs / 'web.pem'}",
-            app.factory,
+        endpoint = serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={certs / 'web.key'}:certKey={certs / 'web.pem'}"
         )
-        service.setServiceParent(app)
-        self.addCleanup(service.disownServiceParent)
-        await sleep(0.1)
+        port = await endpoint.listen(app.factory)
+        self.addCleanup(port.stopListening)
         ca = Certificate.loadPEM((certs / "ca.pem").read_bytes())
         tls = optionsForClientTLS("127.0.0.1", trustRoot=ca)
-        url = f"wss://127.0.0.1:{port}"
+        url = f"wss://127.0.0.1:{port.getHost().port}"
         sub = await connect(url, reactor=reactor, tls_options=tls)
         sub.received = []
         sub.add_listener(sub.received.append)
@@ -93,7 +89,8 @@ class MeshTLSRulesTests(MeshTestCase):
             self.skipTest("this OpenSSL cannot offer TLS 1.1 at all")
         self.assertIsInstance(result, ssl.SSLError, f"the handshake gave {result!r}")
         self.assertIn("PROTOCOL_VERSION", str(result).upper().replace(" ", "_"))
-        await sleep(0.2)
+        await self.wait_for(lambda: node.app.metrics.mesh_refusals > 0 and not node.mesh.links,
+                            "the node to close the connection unlinked")
         self.assertEqual(node.mesh.peers, {})
 
     async def test_certificate_without_the_dialed_name(self) -> None:
@@ -102,8 +99,9 @@ class MeshTLSRulesTests(MeshTestCase):
         issue_node(d, "elsewhere", ["10.9.8.7"])  # valid CA, wrong name
         wrong = await self.start_mesh_node(self.settings(1, cert=d / "elsewhere.pem", key=d / "elsewhere.key"))
         node = await self.start_mesh_node(self.settings(0, [wrong.address]))
-        await self.wait_for(lambda: node.app.metrics.mesh_refusals > 0, "the dialer's refusal")
-        await sleep(0.3)
+        # Each attempt ends unlinked at both ends; wait for a second one, after the dialer backed off.
+        await self.wait_for(lambda: node.app.metrics.mesh_refusals >= 2 and wrong.app.metrics.mesh_refusals >= 2,
+                            "two refusals at each end")
         self.assertEqual((node.links(), wrong.links()), (0, 0))
 
     async def test_no_client_certificate(self) -> None:
