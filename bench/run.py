@@ -1,12 +1,17 @@
 """Run every benchmark scenario and write a Markdown table.
 
-    python bench/run.py [--quick] [--only NAME ...] [--out bench/results/latest.md]
+    python bench/run.py [--quick] [--only NAME ...] [--baseline REV] [--out bench/results/latest.md]
 
 Each scenario starts its server (the raw relay or a meshd node) and the load
 generator as separate processes on loopback, measures deliveries per second,
 latency, losses, and the CPU and memory of both, and stops them.  Figures
 are compared with the relay measured in the same run, since the machine is
 shared and noisy.  Every run is bounded in time.
+
+With ``--baseline REV`` every meshd row also runs with the node of git
+revision ``REV`` (checked out into a temporary directory), right after the
+same row with this tree's node, so that a change is measured against the
+commit before it in one run.
 """
 
 from __future__ import annotations
@@ -92,9 +97,9 @@ def proc_rss_kib(pid: int) -> int:
     return 0
 
 
-def env() -> dict:
+def env(root: Path = ROOT) -> dict:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), e.get("PYTHONPATH")]))
     e["PYTHONUNBUFFERED"] = "1"
     return e
 
@@ -102,7 +107,8 @@ def env() -> dict:
 class Server:
     """A relay or a meshd node in its own process."""
 
-    def __init__(self, kind: str, port: int, workdir: Path, config: Optional[str] = None, groups: int = 0) -> None:
+    def __init__(self, kind: str, port: int, workdir: Path, config: Optional[str] = None, groups: int = 0,
+                 root: Path = ROOT) -> None:
         self.kind, self.port = kind, port
         log = open(workdir / f"{kind}-{port}.log", "w")
         if kind == "relay":
@@ -113,7 +119,7 @@ class Server:
             argv = [str(BIN / "twistd"), "-n", "--pidfile=", "meshd", "--config", str(path)]
         else:
             argv = [str(BIN / "twistd"), "-n", "--pidfile=", "meshd", "--listen", f"tcp:{port}:interface=127.0.0.1"]
-        self.proc = subprocess.Popen(argv, env=env(), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, env=env(root), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -218,19 +224,20 @@ def load_split(sub_port: int, pub_port: int, rate: float, subscribers: int, dura
                 proc.wait()
 
 
-def fanout(name: str, kind: str, subscribers: int, workdir: Path, duration: float, extra=(), groups: int = 0) -> Result:
+def fanout(name: str, kind: str, subscribers: int, workdir: Path, duration: float, extra=(), groups: int = 0,
+           tree: "Tree | None" = None) -> Result:
     port = free_port()
-    server = Server(kind, port, workdir, groups=groups)
+    server = Server(kind, port, workdir, groups=groups, root=tree.root if tree else ROOT)
     try:
         figures = load(port, kind, ["--subscribers", str(subscribers), "--duration", str(duration), *extra], [server])
     finally:
         server.stop()
-    return Result(name, kind, figures)
+    return Result(name, tree.label if tree else kind, figures)
 
 
-def idle(name: str, kind: str, connections: int, workdir: Path) -> Result:
+def idle(name: str, kind: str, connections: int, workdir: Path, tree: "Tree | None" = None) -> Result:
     port = free_port()
-    server = Server(kind, port, workdir)
+    server = Server(kind, port, workdir, root=tree.root if tree else ROOT)
     try:
         time.sleep(1.0)
         before = proc_rss_kib(server.proc.pid)
@@ -248,11 +255,12 @@ def idle(name: str, kind: str, connections: int, workdir: Path) -> Result:
             gen.wait()
     finally:
         server.stop()
-    return Result(name, kind, {"connections": connections, "rss_before_mib": before / 1024,
+    return Result(name, tree.label if tree else kind, {"connections": connections, "rss_before_mib": before / 1024,
                                "rss_after_mib": after / 1024, "kib_per_connection": (after - before) / connections})
 
 
-def mesh_latency(name: str, workdir: Path, rate: float, duration: float, subscribers: int = 10) -> list[Result]:
+def mesh_latency(name: str, workdir: Path, rate: float, duration: float, subscribers: int = 10,
+                 tree: "Tree | None" = None) -> list[Result]:
     """Median latency of the same delivery on one node, and from node A to subscribers on node B."""
     from meshd.mesh.certs import create_ca, issue_node
 
@@ -280,34 +288,53 @@ cert = "{certs / (n + '.pem')}"
 key = "{certs / (n + '.key')}"
 """
 
-    a = Server("meshd", ws["a"], workdir, config("a", []))
-    b = Server("meshd", ws["b"], workdir, config("b", [f"127.0.0.1:{mesh['a']}"]))
+    root, label = (tree.root, tree.label) if tree else (ROOT, "meshd")
+    a = Server("meshd", ws["a"], workdir, config("a", []), root=root)
+    b = Server("meshd", ws["b"], workdir, config("b", [f"127.0.0.1:{mesh['a']}"]), root=root)
     results = []
     try:
         time.sleep(2.0)  # link
         local = load_split(ws["a"], ws["a"], rate, subscribers, duration, [a, b])
-        results.append(Result(f"{name}: same node", "meshd", local))
+        results.append(Result(f"{name}: same node", label, local))
         cross = load_split(ws["b"], ws["a"], rate, subscribers, duration, [a, b])
-        results.append(Result(f"{name}: A to B", "meshd", cross))
+        results.append(Result(f"{name}: A to B", label, cross))
     finally:
         a.stop()
         b.stop()
     return results
 
 
+@dataclass
+class Tree:
+    """A meshd source tree whose node a row runs: this one, or a checked-out baseline revision."""
+
+    label: str
+    root: Path
+
+
+def checkout(rev: str, into: Path) -> Tree:
+    """``rev``'s tree, unpacked into ``into`` (its node runs with PYTHONPATH pointing there)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", sha], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return Tree(f"meshd@{sha}", into)
+
+
 def table(results: list[Result], baselines: dict) -> str:
     rows = ["| scenario | server | deliveries/s | vs relay | p50 ms | p99 ms | lost | server CPU | loadgen CPU | "
             "CPU wait µs | steal | server RSS MiB |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    single_channel = next((r.figures["rate"] for r in results if r.name == "meshd fan-out @ S=1000"), None)
+    single_channel = {r.server: r.figures["rate"] for r in results if r.name == "meshd fan-out @ S=1000"}
     for r in results:
         f = r.figures
         if "kib_per_connection" in f:
             continue
         base = baselines.get(r.name.split(" @ ")[-1])
         ratio = f"{f['rate'] / base:.2f}x" if base else ""
-        if " channels x " in r.name and single_channel:  # that target compares with the single channel
-            ratio = f"{f['rate'] / single_channel:.2f}x of fan-out"
+        if " channels x " in r.name and single_channel.get(r.server):  # that target compares with the single channel
+            ratio = f"{f['rate'] / single_channel[r.server]:.2f}x of fan-out"
             layout = baselines.get("10,000 connections") if "10,000 connections" in r.name else None
             if layout:
                 ratio += f"; {f['rate'] / layout:.2f}x the relay here"
@@ -337,6 +364,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     p.add_argument("--only", nargs="*", help="scenario groups: fanout, channels, idle, mesh")
+    p.add_argument("--baseline", metavar="REV", help="also run every meshd row with the node of git revision REV")
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest.md")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -347,39 +375,49 @@ def main() -> None:
     baselines: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        trees = [Tree("meshd", ROOT)]
+        if args.baseline:
+            trees.append(checkout(args.baseline, work / "baseline"))
         if "fanout" in groups or "channels" in groups:
             for s in (100, 1000):
                 r = fanout(f"relay @ S={s}", "relay", s, work, duration)
                 baselines[f"S={s}"] = r.figures["rate"]
                 results.append(r)
                 if "fanout" in groups:
-                    results.append(fanout(f"meshd fan-out @ S={s}", "meshd", s, work, duration))
-                    results.append(fanout(f"meshd fan-out, batch frames @ S={s}", "meshd", s, work, duration,
-                                          ["--batch"]))
+                    for tree in trees:
+                        results.append(fanout(f"meshd fan-out @ S={s}", "meshd", s, work, duration, tree=tree))
+                    for tree in trees:
+                        results.append(fanout(f"meshd fan-out, batch frames @ S={s}", "meshd", s, work, duration,
+                                              ["--batch"], tree=tree))
         if "channels" in groups:
             # 1,000 channels with 10 subscribers each: the same 1,000 connections
             # as the single channel (each in 10 channels), then 10,000
             # connections in one channel each.
-            results.append(fanout("meshd 1,000 channels x 10, 1,000 connections @ S=1000", "meshd", 1000, work,
-                                  duration, ["--channels", "1000", "--subscriptions", "10", "--window", "1000"]))
+            for tree in trees:
+                results.append(fanout("meshd 1,000 channels x 10, 1,000 connections @ S=1000", "meshd", 1000, work,
+                                      duration, ["--channels", "1000", "--subscriptions", "10", "--window", "1000"],
+                                      tree=tree))
             # The relay in the same layout: connections in 1,000 groups of 10.
             spread = ["--channels", "1000", "--window", "1000"]
             r = fanout("relay 1,000 groups x 10, 10,000 connections", "relay", 10_000, work, duration, spread,
                        groups=1000)
             baselines["10,000 connections"] = r.figures["rate"]
             results.append(r)
-            results.append(fanout("meshd 1,000 channels x 10, 10,000 connections @ S=1000", "meshd", 10_000, work,
-                                  duration, spread))
+            for tree in trees:
+                results.append(fanout("meshd 1,000 channels x 10, 10,000 connections @ S=1000", "meshd", 10_000,
+                                      work, duration, spread, tree=tree))
         if "idle" in groups:
             n = 1000 if args.quick else 5000
             results.append(idle(f"relay, {n} idle", "relay", n, work))
-            results.append(idle(f"meshd, {n} idle subscribed", "meshd", n, work))
+            for tree in trees:
+                results.append(idle(f"meshd, {n} idle subscribed", "meshd", n, work, tree=tree))
         if "mesh" in groups:
             # The last pair leaves the machine more idle CPU: the hop on its own.
             for rate, subscribers in ((2_000, 10), (10_000, 10), (10_000, 1)):
                 who = "1 subscriber" if subscribers == 1 else f"{subscribers} subscribers"
-                results += mesh_latency(f"{rate:,} msg/s to {who}", work / f"mesh{rate}-{subscribers}", rate,
-                                        duration, subscribers)
+                for tree in trees:
+                    results += mesh_latency(f"{rate:,} msg/s to {who}", work / f"mesh{rate}-{subscribers}-{tree.label}",
+                                            rate, duration, subscribers, tree=tree)
     header = (f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     text = header + table(results, baselines)
