@@ -18,7 +18,7 @@ from meshd.config import Config, MeshSettings
 from meshd.mesh.certs import create_ca, issue_node
 from meshd.mesh.tls import Credentials
 
-from .support import NodeTestCase, close_quietly, free_port, sleep
+from .support import NodeTestCase, close_quietly, sleep
 
 
 def make_certs(directory: Path, names: Sequence[str], cluster: str = "test") -> Path:
@@ -39,7 +39,7 @@ class Node:
 
     @property
     def address(self) -> str:
-        return self.app.mesh.settings.advertise
+        return self.app.mesh.advertise
 
     def links(self) -> int:
         return sum(1 for p in self.mesh.peers.values() if p.link is not None)
@@ -74,9 +74,9 @@ class MeshTestCase(NodeTestCase):
             self._certs = make_certs(Path(self.mktemp()).resolve(), [f"n{i}" for i in range(6)], self.cluster)
         return self._certs
 
-    def settings(self, index: int, seeds: Sequence[str] = (), port: Optional[int] = None, **kw) -> MeshSettings:
+    def settings(self, index: int, seeds: Sequence[str] = (), port: int = 0, **kw) -> MeshSettings:
+        """A node's mesh settings; port 0: the node listens on a free port, and advertises it."""
         d = self.certs()
-        port = port or free_port()
         values = dict(
             cluster=self.cluster, listen=f"tcp:{port}:interface=127.0.0.1", advertise=f"127.0.0.1:{port}",
             ca=d / "ca.pem", cert=d / f"n{index}.pem", key=d / f"n{index}.key", seeds=tuple(seeds),

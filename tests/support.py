@@ -97,20 +97,6 @@ def env() -> dict[str, str]:
     return e
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago; racy, as another process may take it first.
-
-    Only for a mesh listener whose address a test must advertise before its
-    node starts: a node cannot yet advertise a port it bound as port 0.
-    Everything else listens on port 0 and reads the port it bound.
-    """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def refusing_port(testcase: unittest.TestCase) -> int:
     """A loopback port that refuses connections until the test's cleanup.
 

@@ -14,7 +14,7 @@ import pytest
 from twisted.trial import unittest
 
 from .proxy import Proxy
-from .support import NodeProcess, free_port
+from .support import NodeProcess
 from .test_processes import Background, meshctl
 
 pytestmark = pytest.mark.slow
@@ -25,18 +25,24 @@ NODE_IDS = [UUID(int=i + 1) for i in range(3)]  # fixed, so the tests know who d
 class ClusterNode:
     """A node's configuration, and the process that runs it once started.
 
-    Its WebSocket and metrics listeners bind port 0, and so does its mesh
-    listener when it advertises another address (a proxy's); otherwise the
-    mesh port is chosen beforehand, as the node must advertise it.
+    All its listeners bind port 0; the node advertises the mesh port it
+    bound (unless told to advertise another address, a proxy's), and a
+    restart listens on that same port again, as the other nodes know it.
     """
 
     def __init__(self, testcase, directory: Path, index: int, seeds: list[str], forward_watchers: bool = True,
                  advertise: Optional[str] = None) -> None:
         self.testcase, self.index = testcase, index
-        mesh_port = 0 if advertise else free_port()
-        self.advertise = advertise or f"127.0.0.1:{mesh_port}"
         self.node_id = NODE_IDS[index]
         self.config = directory / f"n{index}.toml"
+        self._write_config(seeds, forward_watchers, advertise or "127.0.0.1:0", 0)
+        self._told = advertise
+        self.directory = directory
+        self.process: Optional[NodeProcess] = None
+
+    def _write_config(self, seeds, forward_watchers: bool, advertise: str, mesh_port: int) -> None:
+        self._settings = (seeds, forward_watchers)
+        index = self.index
         self.config.write_text(f"""
 [node]
 id = "{self.node_id}"
@@ -52,7 +58,7 @@ modules = ["tests.mesh_extension"]
 [mesh]
 cluster = "test"
 listen = "tcp:{mesh_port}:interface=127.0.0.1"
-advertise = "{self.advertise}"
+{"" if advertise.endswith(":0") else f'advertise = "{advertise}"'}
 seeds = {json.dumps(seeds)}
 ca = "certs/ca.pem"
 cert = "certs/n{index}.pem"
@@ -62,8 +68,11 @@ heartbeat_timeout = 3.0
 reconnect_max_delay = 0.5
 forward_watchers = {"true" if forward_watchers else "false"}
 """)
-        self.directory = directory
-        self.process: Optional[NodeProcess] = None
+
+    @property
+    def advertise(self) -> str:
+        """The address the other nodes dial (known once the node has started)."""
+        return self._told or f"127.0.0.1:{self.mesh_port}"
 
     @property
     def url(self) -> str:
@@ -80,6 +89,8 @@ forward_watchers = {"true" if forward_watchers else "false"}
         self.process = NodeProcess("--config", str(self.config), cwd=run)
         self.testcase.addCleanup(self.process.stop)
         self.process.wait_listening(("websocket", "metrics", "mesh"))
+        # From now on the node keeps this mesh port, across restarts.
+        self._write_config(*self._settings, self.advertise, self.mesh_port)
         return self
 
     def metric(self, name: str) -> float:

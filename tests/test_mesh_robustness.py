@@ -156,8 +156,8 @@ class RefusalReasonTests(MeshTestCase):
 
     async def test_self_dial_under_another_name_stops(self) -> None:
         """A node whose seed is itself under another name stops dialing it."""
-        port = int(self.settings(0).listen.split(":")[1])
-        a = await self.start_mesh_node(self.settings(0, [f"localhost:{port}"], port=port))
+        a = await self.start_mesh_node(self.settings(0))
+        a.mesh.dial(f"localhost:{a.address.split(':')[1]}")
         await self.wait_for(lambda: not a.mesh.dialers, "the dialer to be parked")
         refusals = a.app.metrics.mesh_refusals
         await sleep(1.0)

@@ -15,14 +15,14 @@ LinkHello and then as they change.
 from __future__ import annotations
 
 import random
+import re
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 from uuid import UUID
 
-from twisted.application import strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import gatherResults
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from meshd.events import Event
     from meshd.metrics import Metrics
     from meshd.registry import Registry
+
+#: A port 0 in a tcp/tcp6 endpoint description (``tcp:0:...``, ``tcp:port=0:...``).
+_UNBOUND_PORT = re.compile(r"^(tcp6?:(?:port=)?)0(?=:|$)")
 
 #: At most this many other nodes are remembered; more are ignored (and logged).
 MAX_PEERS = 1024
@@ -118,27 +121,44 @@ class Mesh(MultiService):
         turn.register(EndOfTurn.ANNOUNCE, self._flush_interest)
         self._expiry = LoopingCall(self._expire)
         self._expiry.clock = self.clock
-        listener = strports.service(
-            settings.listen,
-            LinkTLSFactory(credentials.server_options(), False, LinkFactory(self, dialed=False)),
-            reactor=self.clock,
-        )
-        listener.setName(f"mesh-listener:{settings.listen}")
-        listener.setServiceParent(self)
+        #: The address other nodes dial; a port 0 in it becomes the port bound.
+        self.advertise = settings.advertise
+        #: Where the listener listens; a port 0 becomes the port first bound,
+        #: so that the node keeps its address across a stop and a start.
+        self._listen_on = settings.listen
+        self._listening = None
+        self._listener_factory = LinkTLSFactory(credentials.server_options(), False, LinkFactory(self, dialed=False))
 
     # -- lifecycle ------------------------------------------------------------------
 
     def startService(self) -> None:
+        self._listen()
         super().startService()
         self.registry.observe(self._interest_changed)
         for seed in self.settings.seeds:
             self.dial(seed)
         self._expiry.start(1.0, now=False)
         self.log.info(
-            "Mesh {cluster}: node {node} listening on {listen}, advertised as {advertise}, seeds {seeds}",
-            cluster=self.settings.cluster, node=self.node_id, listen=self.settings.listen,
-            advertise=self.settings.advertise, seeds=", ".join(self.settings.seeds) or "none",
+            "Mesh {cluster}: node {node} listening on {bound} ({listen}), advertised as {advertise}, seeds {seeds}",
+            cluster=self.settings.cluster, node=self.node_id, bound=_address_of(self._listening),
+            listen=self.settings.listen, advertise=self.advertise, seeds=", ".join(self.settings.seeds) or "none",
         )
+
+    def _listen(self) -> None:
+        """Listen for links now; a port that cannot be bound stops the start (as ``strports.service`` does)."""
+        outcome: list = []
+        serverFromString(self.clock, self._listen_on).listen(self._listener_factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"mesh.listen {self._listen_on!r}: the listener did not start at once")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self._listening = outcome[0]
+        bound = getattr(self._listening.getHost(), "port", None)
+        if bound:
+            self._listen_on = _UNBOUND_PORT.sub(rf"\g<1>{bound}", self._listen_on)
+            host, _, port = self.advertise.rpartition(":")
+            if port == "0":
+                self.advertise = f"{host}:{bound}"
 
     def stopService(self):
         if self.running:  # a MultiService stops its children again, stopped or not
@@ -149,6 +169,9 @@ class Mesh(MultiService):
         for link in list(self.links):
             link.goodbye(GoodbyeCode.Shutdown, "node shutting down")
         stopping = [self.park(address) for address in list(self.dialers)]
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            stopping.append(listening.stopListening())
         stopping.append(super().stopService())
         return gatherResults([d for d in stopping if d is not None])
 
@@ -156,7 +179,7 @@ class Mesh(MultiService):
 
     def dial(self, address: str) -> None:
         """Keep a link dialed to ``address`` (until :meth:`park`)."""
-        if address in self.dialers or address == self.settings.advertise:
+        if address in self.dialers or address == self.advertise:
             return
         try:
             host, port = split_address(address)
@@ -204,7 +227,7 @@ class Mesh(MultiService):
             cluster=self.settings.cluster,
             incarnation=self.incarnation,
             version=MESH_VERSION,
-            address=self.settings.advertise,
+            address=self.advertise,
             cursors=tuple(
                 Cursor(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
             ),
@@ -529,3 +552,8 @@ def _describe(reason: Optional[Failure]) -> str:
     if isinstance(value, TLSError) and value.args and isinstance(value.args[0], list):
         return "TLS: " + "; ".join(str(e[-1]) for e in value.args[0])
     return str(value) or type(value).__name__
+
+
+def _address_of(port) -> str:
+    host = port.getHost() if port is not None else None
+    return f"{host.host}:{host.port}" if hasattr(host, "port") else str(host)
