@@ -166,12 +166,13 @@ class Outlet:
     ``on_overflow`` is called once and :meth:`write` refuses what follows.
     A burst written within one turn is not counted: the peer has had no
     chance to read any of it yet.  The count restarts only when the
-    transport has written everything out (``resumeProducing``).
+    transport has written everything out (``resumeProducing``).  With
+    ``pause_reading``, the transport is not read from while it is full.
     """
 
     __slots__ = (
         "transport", "turn", "limit", "on_overflow", "accepting", "overflowed", "written", "backlog",
-        "_pending", "_paused", "_counting", "_arming", "_clock",
+        "pause_reading", "_pending", "_paused", "_counting", "_arming", "_clock",
     )
 
     log = Logger()
@@ -183,6 +184,7 @@ class Outlet:
         limit: int,
         on_overflow: Callable[[], None],
         accepting: bool = True,
+        pause_reading: bool = False,
     ) -> None:
         self.transport = transport
         self.turn = turn
@@ -197,6 +199,12 @@ class Outlet:
         self.written = 0
         #: Bytes written while the transport stayed full (see the class).
         self.backlog = 0
+        #: Stop reading from the transport while its output is stuck, so
+        #: that a peer that does not read cannot make the node produce more
+        #: (answers to its requests, pongs).  Not for mesh links: two nodes
+        #: that both stopped reading while writing to each other would wait
+        #: for each other.
+        self.pause_reading = pause_reading
         self._pending: list[bytes] = []
         self._paused = False
         self._counting = False
@@ -270,6 +278,8 @@ class Outlet:
         if self._paused:
             return
         self._paused = True
+        if self.pause_reading and self.transport is not None:
+            self.transport.pauseProducing()
         if self._clock is None:
             self._counting = True
         else:
@@ -281,6 +291,15 @@ class Outlet:
             self._counting = True
 
     def resumeProducing(self) -> None:
+        paused = self._paused
+        self._reset()
+        if paused and self.pause_reading and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         if self._arming is not None:
             if self._arming.active():
                 self._arming.cancel()
@@ -288,9 +307,6 @@ class Outlet:
         self._paused = False
         self._counting = False
         self.backlog = 0
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
 
 
 class EndOfTurn:
@@ -573,4 +589,10 @@ class FastServerProtocol(WebSocketServerProtocol):
             outlet.accepting = False
             outlet.discard()
             outlet.transport = None
+        # Autobahn leaves its close-handshake timer running when the
+        # connection goes first (a client that never answered our close).
+        waiting = self.closeHandshakeTimeoutCall
+        if waiting is not None:
+            self.closeHandshakeTimeoutCall = None
+            waiting.cancel()
         super().connectionLost(reason)

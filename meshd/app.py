@@ -143,7 +143,8 @@ class Application(MultiService):
         """The bounded output of a new WebSocket connection (see :class:`meshd._io.Outlet`)."""
         # Until the handshake makes it a session, a peer that does not read is just dropped.
         return Outlet(
-            transport, self.turn, self.config.max_send_buffer, on_overflow=transport.abortConnection, accepting=False
+            transport, self.turn, self.config.max_send_buffer, on_overflow=transport.abortConnection, accepting=False,
+            pause_reading=True,
         )
 
     def open_session(self, protocol, outlet: Outlet, peer: str = "") -> Session:

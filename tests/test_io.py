@@ -118,6 +118,20 @@ class OutletTests(unittest.SynchronousTestCase):
             out.write_through(b"p" * 300)
         self.assertEqual(overflows.calls, 1)
 
+    def test_pause_reading(self) -> None:
+        """With pause_reading, the transport is not read from while it is full, and is again once it drained."""
+        clock = Clock()
+        transport = StringTransport()
+        out = Outlet(transport, EndOfTurn(clock), 1000, Overflows(), pause_reading=True)
+        out.pauseProducing()
+        out.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        out.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        links = Outlet(StringTransport(), EndOfTurn(clock), 1000, Overflows())
+        links.pauseProducing()
+        self.assertEqual(links.transport.producerState, "producing", "off by default (mesh links)")
+
     def test_resume_resets(self) -> None:
         """A transport that drained resets the count."""
         out, _transport, clock, overflows = outlet(limit=1000)
