@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from uuid import UUID
 
 from twisted.internet import reactor, task
 from twisted.internet.address import IPv4Address
@@ -62,15 +63,20 @@ async def measure(reads: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="meshd-forward-"))
     certs = work / "certs"
     create_ca(certs, "bench")
+    ids = {n: UUID(int=i + 1) for i, n in enumerate("ab")}  # certificates name their nodes
     for n in "ab":
-        issue_node(certs, n, ["127.0.0.1"])
+        issue_node(certs, n, ["127.0.0.1"], node_id=ids[n])
     ws_b, mesh_a, mesh_b = free_port(), free_port(), free_port()
     b = Server("meshd", ws_b, work, f"""
+[node]
+id = "{ids['b']}"
 [websocket]
 listen = ["tcp:{ws_b}:interface=127.0.0.1"]
 [[rules]]
 match = "*"
 anonymous = ["subscribe", "publish"]
+[limits]
+request_rate = 0
 [mesh]
 cluster = "bench"
 listen = "tcp:{mesh_b}:interface=127.0.0.1"
@@ -80,11 +86,11 @@ key = "{certs / 'b.key'}"
 """)
     try:
         rules = work / "a.toml"
-        rules.write_text('[[rules]]\nmatch = "*"\nanonymous = ["subscribe", "publish"]\n')
+        rules.write_text('[[rules]]\nmatch = "*"\nanonymous = ["subscribe", "publish"]\n[limits]\nrequest_rate = 0\n')
         app = Application(dataclasses.replace(load(rules), auto_ping_interval=0, hello_timeout=0, mesh=MeshSettings(
             cluster="bench", listen=f"tcp:{mesh_a}:interface=127.0.0.1", advertise=f"127.0.0.1:{mesh_a}",
             ca=certs / "ca.pem", cert=certs / "a.pem", key=certs / "a.key", seeds=(f"127.0.0.1:{mesh_b}",),
-        )))
+        ), node_id=ids["a"]))
         app.startService()
         # The subscriber only counts what it gets (the minimal client of the
         # load generator), so that little of this process's time is its.

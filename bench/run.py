@@ -262,23 +262,33 @@ def idle(name: str, kind: str, connections: int, workdir: Path, tree: "Tree | No
 def mesh_latency(name: str, workdir: Path, rate: float, duration: float, subscribers: int = 10,
                  tree: "Tree | None" = None) -> list[Result]:
     """Median latency of the same delivery on one node, and from node A to subscribers on node B."""
+    from uuid import UUID
+
     from meshd.mesh.certs import create_ca, issue_node
 
     workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
     create_ca(certs, "bench")
+    ids = {n: UUID(int=i + 1) for i, n in enumerate("ab")}  # certificates name their nodes
     for n in ("a", "b"):
-        issue_node(certs, n, ["127.0.0.1"])
+        issue_node(certs, n, ["127.0.0.1"], node_id=ids[n])
     ws = {n: free_port() for n in "ab"}
     mesh = {n: free_port() for n in "ab"}
 
+    # One publisher sends every message: no per-session request limit (older trees have none, nor the key).
+    knows = "request_rate" in ((tree.root if tree else ROOT) / "meshd" / "config.py").read_text()
+    unlimited = "[limits]\nrequest_rate = 0" if knows else ""
+
     def config(n: str, seeds: list[str]) -> str:
         return f"""
+[node]
+id = "{ids[n]}"
 [websocket]
 listen = ["tcp:{ws[n]}:interface=127.0.0.1"]
 [[rules]]
 match = "*"
 anonymous = ["subscribe", "publish", "watch"]
+{unlimited}
 [mesh]
 cluster = "bench"
 listen = "tcp:{mesh[n]}:interface=127.0.0.1"

@@ -58,7 +58,7 @@ INTERNALS = {
     },
     "autobahn.websocket.protocol.WebSocketProtocol": {
         "_dataReceived": "FastServerProtocol: Autobahn's parser, without its per-read log formatting",
-        "data": "FastServerProtocol: Autobahn's input buffer",
+        "data": "FastServerProtocol: Autobahn's input buffer (a handshake under way is put there whole, once)",
         "current_frame": "FastServerProtocol: Autobahn is inside a frame",
         "inside_message": "FastServerProtocol: Autobahn is inside a fragmented message",
         "consumeData": "FastServerProtocol: let Autobahn parse its buffer",
@@ -510,15 +510,51 @@ class FastServerProtocol(WebSocketServerProtocol):
     fragments, text, oversized frames), Autobahn's parser takes the rest from
     that frame boundary and answers it as before, calling ``onMessage``.
 
+    A frame that has not all arrived stays in the buffer, joined with each
+    read, until it is whole; past :attr:`partial_limit` bytes it is handed
+    to Autobahn's parser, which streams it, so that a large frame arriving
+    a few bytes per read costs each read what it brings, not the frame.
+
     Everything the protocol writes, handshake and Autobahn's own frames
     included, goes through :attr:`outlet` once :meth:`outlet_for` gave one.
     Subclasses set :attr:`fast_limit` (0: no fast path) and implement
     :meth:`binary_received` and :meth:`outlet_for`.
+
+    Bounds on what a client may make Autobahn do:
+
+    - :attr:`max_handshake_size`: the opening-handshake request (request
+      line and headers) is refused with HTTP 431 past that many bytes.
+      Until its blank line arrives, each read is searched for it once,
+      within the bound, and kept aside; Autobahn's own parser would search
+      everything received so far again on every read.
+    - :attr:`connection_log`: Autobahn logs through ``self.log`` each
+      connection it fails, drops or refuses; that logger goes there instead
+      (a rate-limited one, so hostile clients cannot flood the log).
+    - With a :attr:`clock`, the connection ends with a FIN after the
+      client's close frame, where Autobahn aborts it (a TCP reset): a client
+      whose own close frame broke the protocol has not read the node's
+      close frame yet (1002), and a reset would destroy it unread.
     """
 
     #: The largest payload taken by the fast path; 0 while it is off.
     fast_limit = 0
+    #: A partial frame past this many bytes is streamed by Autobahn's parser.
+    partial_limit = 16 * 1024
+    #: The largest opening-handshake request taken, in bytes; 0: no limit.
+    max_handshake_size = 0
+    #: Where Autobahn's lines about this connection go (a txaio-style logger); None: Autobahn's logger.
+    connection_log = None
+    #: The clock of the protocol's own timers; None: closes go as in Autobahn.
+    clock = None
     outlet: Optional[Outlet] = None
+    # The request received so far (-1 once it ended), its last bytes, and its reads.
+    _handshake_seen = 0
+    _handshake_tail = b""
+    _handshake_reads: "Optional[list[bytes]]" = None
+    _in_close_frame = False
+    _abort_call = None
+    _CONNECTING = WebSocketProtocol.STATE_CONNECTING
+    _CLOSED = WebSocketProtocol.STATE_CLOSED
 
     def outlet_for(self, transport) -> Optional[Outlet]:
         """The outlet for this connection's writes (None: Autobahn writes to the transport)."""
@@ -535,9 +571,14 @@ class FastServerProtocol(WebSocketServerProtocol):
         # frames back until the client's delayed ACK (tens of milliseconds).
         self.tcpNoDelay = self.factory.tcpNoDelay
         self.outlet = self.outlet_for(self.transport)
+        if self.connection_log is not None:
+            self.log = self.connection_log
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state == self._CONNECTING and self._handshake_seen >= 0 and self.max_handshake_size:
+            self._handshake_received(data)
+            return
         if not FAST_PATH:
             super().dataReceived(data)
             return
@@ -563,8 +604,62 @@ class FastServerProtocol(WebSocketServerProtocol):
             self.data = buf[at:] if at else buf
             if taken and self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
                 self._cancelAutoPingTimeoutCall()
-        if self.data and (found.fallback or closing):
+        if self.data and (found.fallback or closing or len(self.data) > self.partial_limit):
             self.consumeData()
+
+    def _handshake_received(self, data: bytes) -> None:
+        """Part of the opening handshake: refused past :attr:`max_handshake_size`, else kept until whole."""
+        limit = self.max_handshake_size
+        seen, tail = self._handshake_seen, self._handshake_tail
+        # The blank line that ends the request must end within the limit: look no further.
+        window = tail + data[: limit - seen]
+        if window.find(b"\r\n\r\n") < 0:
+            if seen + len(data) > limit:
+                self._handshake_seen = -1
+                self._handshake_reads = None
+                self.failHandshake(f"Request Header Fields Too Large (over {limit} bytes)", 431)
+                return
+            self._handshake_seen = seen + len(data)
+            self._handshake_tail = window[-3:]
+            if not FAST_PATH:
+                super().dataReceived(data)  # Autobahn searches all it has again: at most the limit
+                return
+            if self._handshake_reads is None:
+                self._handshake_reads = []
+            self._handshake_reads.append(data)
+            return
+        self._handshake_seen = -1
+        reads, self._handshake_reads = self._handshake_reads, None
+        if not FAST_PATH:
+            super().dataReceived(data)
+            return
+        if reads:
+            self.data = b"".join(reads)
+        self._dataReceived(data)
+
+    def onCloseFrame(self, code, reasonRaw):
+        self._in_close_frame = True
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            self._in_close_frame = False
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # Autobahn aborts the connection once the client's close frame
+        # answers the node's; the client's may have crossed it (a close
+        # frame that broke the protocol is answered with 1002): end with a
+        # FIN after the close frame, and abort only if the client keeps the
+        # connection past the close handshake timeout.
+        clock = self.clock
+        if abort and self._in_close_frame and clock is not None and self.state != self._CLOSED:
+            abort = False
+            self._abort_call = clock.callLater(self.closeHandshakeTimeout or 1, self._abort_late)
+        super().dropConnection(abort)
+
+    def _abort_late(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize=None) -> None:
         outlet = self.outlet
@@ -595,4 +690,7 @@ class FastServerProtocol(WebSocketServerProtocol):
         if waiting is not None:
             self.closeHandshakeTimeoutCall = None
             waiting.cancel()
+        late, self._abort_call = self._abort_call, None
+        if late is not None and late.active():
+            late.cancel()
         super().connectionLost(reason)

@@ -23,6 +23,7 @@ from meshd.config import Config
 from meshd.constants import CLOSE_GOING_AWAY, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
 from meshd.delivery import LocalDelivery
 from meshd.handlers import Handlers, Request, lookup
+from meshd.limits import Limits
 from meshd.metrics import Metrics, MetricsResource
 from meshd.permissions import Policy
 from meshd.registry import Registry
@@ -72,6 +73,8 @@ class Application(MultiService):
         self.authenticator = authenticator
         self.handlers = Handlers()
         builtins.install(self.handlers)
+        #: What clients may cost the node: connections, requests, failed Hellos (see meshd.limits).
+        self.limits = Limits.from_config(config, clock)
         self.factory = MeshServerFactory(self, config, clock)
 
     def get_state(self) -> NodeState:
@@ -135,6 +138,7 @@ class Application(MultiService):
         self.log.info("meshd node {node} stopping", node=self.node_id)
         for session in list(self.registry.sessions.values()):
             session.lifecycle.close(CLOSE_GOING_AWAY, "node shutting down")
+        self.limits.stop()
         return super().stopService()
 
     # -- sessions -----------------------------------------------------------------
@@ -197,6 +201,15 @@ class Application(MultiService):
         result.addCallback(lambda r: self._finish(request, r)).addErrback(
             lambda f: self._failed(request, f)
         )
+
+    def refuse(self, session: Session, data: bytes, code: int, message: str) -> None:
+        """Answer a frame the node does not handle with an Error ``code`` (and the frame's request id)."""
+        self.metrics.frames_received += 1
+        try:
+            request_id = decode(data).request_id
+        except ProtocolError:
+            request_id = 0
+        self._refuse(session, ProtocolError(code, message), request_id)
 
     def _finish(self, request: Request, result: Any) -> None:
         """Answer a handler's result with an Ack (see meshd.handlers)."""

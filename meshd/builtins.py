@@ -9,6 +9,7 @@ from typing import Optional
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable, encode
+from meshd.constants import CLOSE_HELLO_FAILURES
 from meshd.handlers import Handlers, Request
 from meshd.permissions import PUBLISH, SUBSCRIBE, WATCH
 
@@ -37,12 +38,22 @@ def hello(request: Request) -> Optional[Deferred]:
     if message.token is None:
         _welcome(request, None)
         return None
+    limits = request.app.limits
+    if not limits.may_try_token(session):
+        # The token is not even checked: the address has no refused tokens left.
+        _close_for_failures(request, "too many failed Hellos from this address", 0)
+        return None
     session.lifecycle.hello_started()
     d = maybeDeferred(request.app.authenticator.authenticate, message.token)
 
     def authenticated(principal: Optional[str]) -> None:
         if not principal:
             session.lifecycle.hello_refused()
+            failed = limits.hello_failed(session)
+            if failed >= limits.max_failed_hellos and session.is_open:
+                request.fail(ErrorCode.AuthenticationFailed, "the token was not accepted")
+                _close_for_failures(request, "too many failed Hellos", failed)
+                return
             raise ProtocolError(ErrorCode.AuthenticationFailed, "the token was not accepted")
         if session.is_open:
             _welcome(request, principal)
@@ -52,6 +63,16 @@ def hello(request: Request) -> Optional[Deferred]:
         return failure
 
     return d.addCallbacks(authenticated, failed)
+
+
+def _close_for_failures(request: Request, reason: str, failed: int) -> None:
+    """Close a session whose Hellos keep failing (limits.max_failed_hellos, limits.address_failed_hellos)."""
+    session, limits = request.session, request.app.limits
+    limits.log.warn(
+        "Closing {session} ({peer}): {reason} ({failed} on this connection)",
+        session=session.id, peer=session.peer, reason=reason, failed=failed,
+    )
+    session.lifecycle.close(CLOSE_HELLO_FAILURES, reason)
 
 
 def _welcome(request: Request, principal: Optional[str]) -> None:
@@ -85,7 +106,13 @@ def subscribe(request: Request) -> None:
             ErrorCode.TooManySubscriptions,
             f"a session may hold {app.config.max_subscriptions} subscriptions",
         )
-    app.registry.subscribe(session, channel)
+    registry = app.registry
+    if channel not in registry.channels and len(registry.channels) >= app.config.max_channels:
+        raise ProtocolError(
+            ErrorCode.TooManySubscriptions,
+            f"this node holds its limit of {app.config.max_channels} channels; no new channel can be made",
+        )
+    registry.subscribe(session, channel)
 
 
 def unsubscribe(request: Request) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 from uuid import UUID
 
+from meshd.limits import DEFAULT_EXEMPT, parse_networks
 from meshd.permissions import ACTIONS, Rule
 
 if sys.version_info >= (3, 11):
@@ -25,6 +26,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_LISTEN = "tcp:8765:interface=127.0.0.1"
+#: The browser origins a node in development mode accepts unless ``allowed_origins`` is set: pages
+#: served from this machine (Autobahn matches ``scheme://host:port``, an IPv6 host without brackets).
+LOOPBACK_ORIGINS = (
+    "http://localhost:*", "https://localhost:*", "http://127.0.0.1:*", "https://127.0.0.1:*",
+    "http://::1:*", "https://::1:*",
+)
 
 
 class ConfigError(Exception):
@@ -50,6 +57,15 @@ class MeshSettings:
     forward_watchers: bool = False
     reconnect_max_delay: float = 5.0
     forget_after: float = 600.0
+    #: Refuse a peer whose certificate names no node id (``meshd://node/UUID``).
+    require_node_id_in_cert: bool = True
+    #: A connection that has not completed its LinkHello (TLS included) this long after it is up is closed.
+    hello_timeout: float = 10.0
+    #: A routed frame numbered more than this past the last one from its node is a violation (0: no check).
+    max_sequence_gap: int = 1 << 24
+    #: At most this many channels, and bytes of channel names, of interest per peer.
+    max_peer_channels: int = 100_000
+    max_peer_interest_bytes: int = 16 << 20
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -69,11 +85,16 @@ class Config:
     # [websocket]
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     max_message_size: int = 65536
-    allowed_origins: tuple[str, ...] = ("*",)
+    #: None: not configured (see :attr:`origins`).
+    allowed_origins: Optional[tuple[str, ...]] = None
     auto_ping_interval: float = 30.0
     auto_ping_timeout: float = 10.0
     open_handshake_timeout: float = 10.0
     max_connections: int = 0
+    max_handshake_size: int = 16384
+    max_handshaking: int = 1024
+    max_connections_per_address: int = 256
+    exempt_addresses: tuple[str, ...] = DEFAULT_EXEMPT
     # [limits]
     hello_timeout: float = 10.0
     max_subscriptions: int = 1000
@@ -81,6 +102,14 @@ class Config:
     max_channel_length: int = 256
     max_watchable_length: int = 256
     max_send_buffer: int = 1 << 20
+    max_fragments: int = 256
+    max_failed_hellos: int = 5
+    address_failed_hellos: int = 20
+    address_failed_hello_rate: float = 0.1
+    #: None: not configured (see :attr:`requests_per_second`).
+    request_rate: Optional[float] = None
+    request_burst: int = 2000
+    max_channels: int = 100_000
     # [auth]
     tokens: Mapping[str, str] = field(default_factory=dict)
     # [[rules]]
@@ -96,6 +125,22 @@ class Config:
     def development(self) -> bool:
         """True when no configuration file was given."""
         return self.source is None
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The browser origins accepted: ``allowed_origins`` if set, else loopback pages in
+        development mode and any origin with a configuration file."""
+        if self.allowed_origins is not None:
+            return self.allowed_origins
+        return LOOPBACK_ORIGINS if self.development else ("*",)
+
+    @property
+    def requests_per_second(self) -> float:
+        """A session's request rate: ``request_rate`` if set, else 1000 with a configuration
+        file and no limit (0) in development mode, where load generators run."""
+        if self.request_rate is not None:
+            return self.request_rate
+        return 0.0 if self.development else 1000.0
 
     def override(self, **changes: Any) -> "Config":
         """Return a copy with command-line values applied; ``None`` means not given."""
@@ -118,6 +163,24 @@ def _seconds(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
         raise ValueError(f"expected a number of seconds >= 0, got {v!r}")
     return float(v)
+
+
+def _rate(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ValueError(f"expected a number per second > 0, got {v!r}")
+    return float(v)
+
+
+def _rate_or_off(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ValueError(f"expected a number per second >= 0 (0: no limit), got {v!r}")
+    return float(v)
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    values = _texts(v)
+    parse_networks(values)
+    return values
 
 
 def _text(v: Any) -> str:
@@ -175,6 +238,10 @@ _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "auto_ping_timeout": ("auto_ping_timeout", _seconds),
         "open_handshake_timeout": ("open_handshake_timeout", _seconds),
         "max_connections": ("max_connections", _int(0)),
+        "max_handshake_size": ("max_handshake_size", _int(1024)),
+        "max_handshaking": ("max_handshaking", _int(1)),
+        "max_connections_per_address": ("max_connections_per_address", _int(0)),
+        "exempt_addresses": ("exempt_addresses", _networks),
     },
     "limits": {
         "hello_timeout": ("hello_timeout", _seconds),
@@ -183,6 +250,13 @@ _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "max_channel_length": ("max_channel_length", _int(1)),
         "max_watchable_length": ("max_watchable_length", _int(1)),
         "max_send_buffer": ("max_send_buffer", _int(1024)),
+        "max_fragments": ("max_fragments", _int(1)),
+        "max_failed_hellos": ("max_failed_hellos", _int(1)),
+        "address_failed_hellos": ("address_failed_hellos", _int(1)),
+        "address_failed_hello_rate": ("address_failed_hello_rate", _rate),
+        "request_rate": ("request_rate", _rate_or_off),
+        "request_burst": ("request_burst", _int(1)),
+        "max_channels": ("max_channels", _int(1)),
     },
     "auth": {"tokens": ("tokens", _tokens)},
     "extensions": {"modules": ("modules", _texts)},
@@ -291,6 +365,11 @@ _MESH_KEYS: dict[str, Callable[[Any], Any]] = {
     "forward_watchers": _flag,
     "reconnect_max_delay": _positive_seconds,
     "forget_after": _positive_seconds,
+    "require_node_id_in_cert": _flag,
+    "hello_timeout": _positive_seconds,
+    "max_sequence_gap": _int(0),
+    "max_peer_channels": _int(1),
+    "max_peer_interest_bytes": _int(4096),
 }
 
 

@@ -10,9 +10,20 @@ SUBPROTOCOL = "meshd.v1"
 
 #: The node is shutting down.
 CLOSE_GOING_AWAY = 1000
+#: A WebSocket protocol violation, the client's close frame included (bad code, reason not UTF-8, 1-byte body).
+CLOSE_PROTOCOL_ERROR = 1002
 #: A text message arrived on a binary subprotocol.
 CLOSE_UNSUPPORTED_DATA = 1003
+#: A message in more WebSocket frames than ``limits.max_fragments``.
+CLOSE_POLICY_VIOLATION = 1008
+#: A message (or frame) over ``websocket.max_message_size`` (sent by Autobahn).
+CLOSE_MESSAGE_TOO_BIG = 1009
 #: No Hello was welcomed within ``limits.hello_timeout``.
 CLOSE_HELLO_TIMEOUT = 4001
 #: The client does not read while frames for it pile up past ``limits.max_send_buffer``.
 CLOSE_SLOW_CONSUMER = 4002
+#: ``limits.max_failed_hellos`` Hellos with refused tokens on one connection, or none left to the
+#: client's address (``limits.address_failed_hellos``).
+CLOSE_HELLO_FAILURES = 4003
+#: Requests kept coming faster than ``limits.request_rate`` until the session owed more than ``limits.request_burst``.
+CLOSE_RATE_LIMITED = 4004

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
+from uuid import UUID, uuid4
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
@@ -90,12 +91,22 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--san", action="append", default=[], metavar="NAME_OR_IP",
                       help="a DNS name or IP address the node is dialed by (repeatable; default NAME)")
     node.add_argument("--days", type=int, default=825)
+    node.add_argument("--node-id", type=_node_id, metavar="UUID",
+                      help="the node's id, written into the certificate; default: a new one, printed "
+                           "to standard output (set it as [node] id in the node's configuration)")
 
     watch = commands.add_parser("watch", parents=[common], help="watch a resource and print events")
     watch.add_argument("kind", metavar="KIND")
     watch.add_argument("id", metavar="ID")
     watch.add_argument("--count", type=int, help="exit after this many events")
     return top
+
+
+def _node_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
 def status(text: str) -> None:
@@ -161,16 +172,21 @@ async def run(reactor, args: argparse.Namespace) -> int:
 def certs(args: argparse.Namespace) -> int:
     from meshd.mesh.certs import create_ca, issue_node
 
+    node_id = None
     try:
         if args.certs_command == "ca":
             paths = create_ca(args.dir, args.cluster, args.days)
         else:
-            paths = issue_node(args.dir, args.name, args.san, args.days)
+            node_id = args.node_id or uuid4()
+            paths = issue_node(args.dir, args.name, args.san, args.days, node_id=node_id)
     except (OSError, ValueError) as e:
         status(str(e))
         return 1
     for path in paths:
         status(f"wrote {path}")
+    if node_id is not None:
+        status(f'the certificate is for node {node_id}: set [node] id = "{node_id}" in that node\'s configuration')
+        print(node_id, flush=True)
     return 0
 
 

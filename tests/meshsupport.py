@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
-from uuid import UUID
+from uuid import UUID, uuid4
+
+from cryptography import x509
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
@@ -15,18 +17,24 @@ from zope.interface import implementer
 from meshd.app import Application
 from meshd.client import MeshClient, connect
 from meshd.config import Config, MeshSettings
-from meshd.mesh.certs import create_ca, issue_node
+from meshd.mesh.certs import create_ca, issue_node, node_id_of
 from meshd.mesh.tls import Credentials
 
 from .support import NodeTestCase, close_quietly, sleep
 
 
 def make_certs(directory: Path, names: Sequence[str], cluster: str = "test") -> Path:
+    """A cluster CA and a certificate for each name, each naming a node id of its own."""
     directory.mkdir(parents=True, exist_ok=True)
     create_ca(directory, cluster)
     for name in names:
-        issue_node(directory, name, ["127.0.0.1", "localhost"])
+        issue_node(directory, name, ["127.0.0.1", "localhost"], node_id=uuid4())
     return directory
+
+
+def certified_id(cert: Path) -> Optional[UUID]:
+    """The node id a certificate file names (None if none)."""
+    return node_id_of(x509.load_pem_x509_certificate(cert.read_bytes()))
 
 
 class Node:
@@ -87,6 +95,8 @@ class MeshTestCase(NodeTestCase):
 
     async def start_mesh_node(self, settings: MeshSettings, node_id: Optional[UUID] = None,
                               name: str = "", **config) -> Node:
+        """A node with these mesh settings; its id is the one its certificate names, unless given."""
+        node_id = node_id or certified_id(settings.cert)
         app = Application(Config(source=Path("test.toml"), rules=_ALLOW_ALL, node_id=node_id, mesh=settings, **config))
         app.startService()
         self.addCleanup(app.stopService)
@@ -118,10 +128,14 @@ class MeshTestCase(NodeTestCase):
         self.addCleanup(close_quietly, client)
         return client
 
-    async def tls_link(self, node: Node) -> Recorder:
-        """A TLS connection with a valid cluster certificate that speaks raw frames."""
+    def certified(self, name: str = "n5") -> UUID:
+        """The node id the certificate ``name`` names: what a raw link with it must say it is."""
+        return certified_id(self.certs() / f"{name}.pem")
+
+    async def tls_link(self, node: Node, name: str = "n5") -> Recorder:
+        """A TLS connection with a valid cluster certificate (``name``'s) that speaks raw frames."""
         d = self.certs()
-        creds = Credentials.load(d / "ca.pem", d / "n5.pem", d / "n5.key")
+        creds = Credentials.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}.key")
         host, port = node.address.split(":")
         endpoint = wrapClientTLS(creds.client_options(host), TCP4ClientEndpoint(reactor, host, int(port)))
         return await endpoint.connect(Factory.forProtocol(Recorder))

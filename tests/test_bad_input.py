@@ -7,11 +7,56 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+
 from meshd.client import MeshClient
 from meshd.codec import ErrorCode, Opcode, Watchable, encode
 from meshd.config import Config
 
 from .support import NodeTestCase, RawClient, payloads, raw_client, sleep
+from .test_websocket import HANDSHAKE, client_frame, server_frames
+
+
+class _Bytes(Protocol):
+    """A TCP client that records what it receives and how the connection ended."""
+
+    def connectionMade(self) -> None:
+        self.received = b""
+        self.ended: Deferred = Deferred()
+        self.factory.connected.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        waiting = self.factory.waiting
+        if waiting is not None and waiting[0] in self.received:
+            self.factory.waiting = None
+            waiting[1].callback(self.received)
+
+    def connectionLost(self, reason) -> None:
+        self.ended.callback(reason.value)  # the exception: a Failure would fire the errback
+
+    def wait_for(self, marker: bytes) -> Deferred:
+        d: Deferred = Deferred()
+        if marker in self.received:
+            d.callback(self.received)
+        else:
+            self.factory.waiting = (marker, d)
+        return d.addTimeout(5, reactor)
+
+
+async def tcp_client(testcase: NodeTestCase) -> _Bytes:
+    """A plain TCP connection to the node, sending nothing yet."""
+    factory = Factory.forProtocol(_Bytes)
+    factory.connected, factory.waiting = Deferred(), None
+    port = int(testcase.url.rsplit(":", 1)[1])
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    client = await factory.connected
+    testcase.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+    return client
 
 
 class BadInputTests(NodeTestCase):
@@ -210,6 +255,47 @@ class BadInputTests(NodeTestCase):
             await raw_client(self, self.url)
         self.assertEqual(len(self.app.registry.sessions), 2)
 
+    async def test_close_frame_violations(self) -> None:
+        """A close frame with a bad code, a reason that is not UTF-8, or a 1-byte body gets close 1002, then a FIN."""
+        await self.start_node()
+        accepted = []
+        build = self.app.factory.buildProtocol
+        self.app.factory.buildProtocol = lambda addr: accepted.append(build(addr)) or accepted[-1]
+        for body in (struct.pack(">H", 999), struct.pack(">H", 1000) + b"\xff\xfe", b"\x03"):
+            client = await tcp_client(self)
+            client.transport.write(HANDSHAKE)
+            await client.wait_for(b"\r\n\r\n")
+            server = accepted[-1]
+            gone: Deferred = Deferred()
+            lost = server.connectionLost
+            server.connectionLost = lambda reason: (lost(reason), gone.callback(None))
+            client.transport.pauseProducing()  # the close frame crosses the node's answer unread
+            client.transport.write(client_frame(body, opcode=0x8))
+            await gone.addTimeout(5, reactor)  # the node has closed its side
+            client.transport.resumeProducing()
+            ended = await client.ended.addTimeout(5, reactor)
+            frames = server_frames(client.received.split(b"\r\n\r\n", 1)[1])
+            self.assertEqual([(op, struct.unpack(">H", p[:2])[0]) for op, p in frames], [(0x8, 1002)], body)
+            self.assertIsInstance(ended, ConnectionDone, f"{body!r}: {ended!r}, not a FIN")
+
+    async def test_oversized_handshake(self) -> None:
+        """A handshake request past max_handshake_size (16 KiB) is answered with HTTP 431 and closed."""
+        await self.start_node()
+        client = await tcp_client(self)
+        client.transport.write(b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 17_000 + b"\r\n")
+        await client.ended.addTimeout(5, reactor)
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 431 "), client.received)
+
+    async def test_silent_sockets_do_not_lock_clients_out(self) -> None:
+        """TCP connections that never start their handshake do not count against max_connections."""
+        await self.start_node(Config(max_connections=2))
+        for _ in range(10):
+            await tcp_client(self)
+        await raw_client(self, self.url)
+        await raw_client(self, self.url)
+        with self.assertRaises(ConnectionError):
+            await raw_client(self, self.url)
+
     def _bystander_session(self):
         return self.app.registry.sessions[self.bystander.session_id]
 
@@ -217,7 +303,8 @@ class BadInputTests(NodeTestCase):
 class SlowConsumerTests(NodeTestCase):
     async def test_client_that_stops_reading(self) -> None:
         """A session that stops reading is closed past max_send_buffer; the others get everything."""
-        await self.start_node(Config(max_send_buffer=64 * 1024))
+        # The publisher sends as fast as it can: well over the default request rate.
+        await self.start_node(Config(max_send_buffer=64 * 1024, request_rate=1e6, request_burst=10**6))
         stalled, reader, publisher = await self.client(), await self.client(), await self.client()
         for c in (stalled, reader):
             await c.subscribe("firehose")

@@ -10,7 +10,7 @@ from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from meshd.app import Application
-from meshd.config import DEFAULT_LISTEN, ConfigError, is_loopback, load
+from meshd.config import DEFAULT_LISTEN, LOOPBACK_ORIGINS, Config, ConfigError, is_loopback, load
 from meshd.permissions import Rule
 from meshd.tap import Options, makeService
 
@@ -27,6 +27,10 @@ auto_ping_interval = 20
 auto_ping_timeout = 5.5
 open_handshake_timeout = 3
 max_connections = 100
+max_handshake_size = 8192
+max_handshaking = 100
+max_connections_per_address = 16
+exempt_addresses = ["10.0.0.0/8", "fd00::1"]
 
 [limits]
 hello_timeout = 2
@@ -35,6 +39,13 @@ max_watches = 11
 max_channel_length = 64
 max_watchable_length = 32
 max_send_buffer = 65536
+max_fragments = 64
+max_failed_hellos = 3
+address_failed_hellos = 10
+address_failed_hello_rate = 0.5
+request_rate = 500
+request_burst = 1000
+max_channels = 5000
 
 [auth.tokens]
 alice = "secret"
@@ -69,6 +80,25 @@ class LoadTests(unittest.TestCase):
         self.assertEqual(c.rules, (Rule("public.*", frozenset({"subscribe"}), frozenset({"subscribe", "publish"})),))
         self.assertEqual(set(c.tokens), {"alice", "bob"})
         self.assertEqual(c.modules, ("json",))
+        self.assertEqual((c.max_handshake_size, c.max_handshaking, c.max_connections_per_address), (8192, 100, 16))
+        self.assertEqual(c.exempt_addresses, ("10.0.0.0/8", "fd00::1"))
+        self.assertEqual((c.max_fragments, c.max_failed_hellos, c.max_channels), (64, 3, 5000))
+        self.assertEqual((c.address_failed_hellos, c.address_failed_hello_rate), (10, 0.5))
+        self.assertEqual((c.request_rate, c.request_burst), (500.0, 1000))
+        self.assertEqual(c.origins, ("https://example.com",))
+
+    def test_limit_defaults(self) -> None:
+        """Every limit has a default; origins default to loopback pages in development mode, any with a file."""
+        c = Config()
+        self.assertEqual((c.max_handshake_size, c.max_handshaking, c.max_connections_per_address), (16384, 1024, 256))
+        self.assertEqual(c.exempt_addresses, ("127.0.0.0/8", "::1"))
+        self.assertEqual((c.max_fragments, c.max_failed_hellos, c.max_channels), (256, 5, 100_000))
+        self.assertEqual((c.address_failed_hellos, c.address_failed_hello_rate), (20, 0.1))
+        self.assertEqual((c.requests_per_second, c.request_burst), (0, 2000), "no request limit in development")
+        self.assertEqual(c.origins, LOOPBACK_ORIGINS)
+        self.assertEqual(load(self.write("")).origins, ("*",))
+        self.assertEqual(load(self.write("")).requests_per_second, 1000)
+        self.assertEqual(load(self.write("[websocket]\nallowed_origins = []\n")).origins, ())
 
     def test_empty_file_is_strict(self) -> None:
         """An empty file keeps the defaults but leaves development mode: nothing is allowed."""
@@ -87,6 +117,11 @@ class LoadTests(unittest.TestCase):
             "[websocket]\nport = 1\n": "unknown key websocket.port",
             "[limits]\nhello_timeout = -1\n": "limits.hello_timeout",
             "[limits]\nmax_subscriptions = true\n": "limits.max_subscriptions",
+            "[limits]\nrequest_rate = -1\n": "limits.request_rate",
+            "[limits]\naddress_failed_hello_rate = 'fast'\n": "limits.address_failed_hello_rate",
+            "[limits]\nmax_fragments = 0\n": "limits.max_fragments",
+            "[websocket]\nmax_handshake_size = 100\n": "websocket.max_handshake_size",
+            "[websocket]\nexempt_addresses = ['10.0.0.0/33']\n": "websocket.exempt_addresses",
             "[node]\nid = 'not-a-uuid'\n": "node.id",
             "[nodes]\nid = 1\n": "unknown section [nodes]",
             "[auth]\ntokens = 'x'\n": "auth.tokens",

@@ -237,6 +237,48 @@ class ContractTests(unittest.SynchronousTestCase):
         self.assertEqual(len(clock.getDelayedCalls()), 1, "the opening handshake timer is on the app's clock")
         protocol.connectionLost(Failure(ConnectionDone()))
 
+    def test_handshake_buffer(self) -> None:
+        """Autobahn keeps a handshake under way in `data`, and takes one put there whole with the read that ends it."""
+        from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(HANDSHAKE[:40])
+        self.assertEqual((protocol.data, transport.value()), (HANDSHAKE[:40], b""))
+        protocol.data = HANDSHAKE[:-10]  # as FastServerProtocol does with the reads it kept aside
+        protocol._dataReceived(HANDSHAKE[-10:])
+        self.assertIn(b"101 Switching Protocols", transport.value())
+
+    def test_autobahn_logs_through_self_log(self) -> None:
+        """Autobahn logs a connection it fails through self.log, which FastServerProtocol.connection_log replaces."""
+        from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+        class Lines:
+            def __init__(self) -> None:
+                self.warned: list[str] = []
+
+            def warn(self, format: str, **fields) -> None:
+                self.warned.append(format)
+
+            def __getattr__(self, name: str):
+                return lambda *args, **kwargs: None
+
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        # No timers: nothing is left on the global reactor.
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, failByDrop=False)
+        protocol = factory.buildProtocol(None)
+        protocol.log = lines = Lines()
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(HANDSHAKE)
+        protocol.dataReceived(b"\x82\x01x")  # an unmasked client frame
+        self.assertEqual(len(lines.warned), 1)
+        self.assertIn("failing WebSocket connection", lines.warned[0])
+
 
 class WebSocketTimeoutTests(unittest.SynchronousTestCase):
     """The opening-handshake and hello timeouts are what the configuration says, fractions of a second too."""

@@ -54,32 +54,38 @@ class Node:
 
 
 class LinkTestCase(SynchronousTestCase):
+    #: Whether the nodes refuse peers whose certificates name no node id: links
+    #: paired in memory without TLS (:meth:`pair`, :meth:`accepted`) have no certificate.
+    require_ids = False
+
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
 
     def certs(self) -> Path:
+        """A CA and certificates n0, n1, n2, n3 for the nodes ``UUID(int=1)``, ``UUID(int=2)``...; n3 is nobody's."""
         if not hasattr(self, "_certs"):
             directory = Path(self.mktemp()).resolve()
             create_ca(directory, "test")
-            for i in range(3):
-                issue_node(directory, f"n{i}", ["127.0.0.1"])
+            for i in range(4):
+                issue_node(directory, f"n{i}", ["127.0.0.1"], node_id=UUID(int=i + 1))
             self._certs = directory
         return self._certs
 
     def node(self, index: int, node_id: Optional[UUID] = None, **settings) -> Node:
-        """A started mesh service; nothing it does reaches a socket."""
+        """A started mesh service (its id the one its certificate names); nothing it does reaches a socket."""
         d = self.certs()
         port = 7100 + index
         values = dict(
             cluster="test", listen=f"tcp:{port}:interface=127.0.0.1", advertise=f"127.0.0.1:{port}",
             ca=d / "ca.pem", cert=d / f"n{index}.pem", key=d / f"n{index}.key",
             heartbeat_interval=1.0, heartbeat_timeout=5.0, reconnect_max_delay=2.0,
+            require_node_id_in_cert=self.require_ids,
         )
         values.update(settings)
         config = MeshSettings(**values)
         delivered: list[Routed] = []
         mesh = Mesh(
-            config, Credentials.load(config.ca, config.cert, config.key), node_id=node_id or uuid4(),
+            config, Credentials.load(config.ca, config.cert, config.key), node_id=node_id or UUID(int=index + 1),
             clock=self.clock, metrics=Metrics(), turn=EndOfTurn(self.clock), registry=Registry(),
             deliver=lambda routed: delivered.append(routed) or 1,
         )
@@ -344,6 +350,8 @@ class DuplicateTests(LinkTestCase):
 
 class DialTests(LinkTestCase):
     """Dialing through ClientService, over TLS pumped in memory."""
+
+    require_ids = True
 
     def dial(self, dialer: Node, listener: Node):
         """Let ``dialer``'s pending dial reach ``listener``'s TLS listener: (dialing protocol, pump)."""

@@ -115,7 +115,8 @@ class ClusterTestCase(unittest.TestCase):
         directory.mkdir(parents=True)
         certs = directory / "certs"
         for args in (["ca", "--dir", str(certs), "--cluster", "test"],
-                     *[["node", f"n{i}", "--dir", str(certs), "--san", "127.0.0.1"] for i in range(3)]):
+                     *[["node", f"n{i}", "--dir", str(certs), "--san", "127.0.0.1", "--node-id", str(NODE_IDS[i])]
+                       for i in range(3)]):
             result = meshctl("certs", *args)
             self.assertEqual(result.returncode, 0, result.stderr)
         return directory

@@ -90,7 +90,7 @@ class GossipTests(MeshTestCase):
         """A gossiped node with an address that cannot be dialed is ignored; others still link."""
         a, b = await self.cluster_of(2)
         proto = await self.tls_link(a)
-        gossip = uuid.uuid4()
+        gossip = self.certified()
         proto.transport.write(frame(encode_hello(LinkHello(node=gossip, cluster="test", version=1,
                                                            address="127.0.0.1:1", incarnation=5)), 1 << 20))
         proto.transport.write(frame(encode_peers([Peer(uuid.uuid4(), "bogus")]), 1 << 20))
@@ -107,7 +107,7 @@ class GossipTests(MeshTestCase):
         """A LinkHello advertising an address that is not HOST:PORT is refused."""
         a = await self.start_mesh_node(self.settings(0))
         proto = await self.tls_link(a)
-        proto.transport.write(frame(encode_hello(LinkHello(node=uuid.uuid4(), cluster="test", version=1,
+        proto.transport.write(frame(encode_hello(LinkHello(node=self.certified(), cluster="test", version=1,
                                                            address="nowhere")), 1 << 20))
         await self.wait_for(lambda: proto.lost is not None, "refusal")
         goodbye = frames(proto)[-1]
@@ -119,7 +119,7 @@ class GossipTests(MeshTestCase):
         """Interest in an absurdly long channel name is a protocol violation."""
         a = await self.start_mesh_node(self.settings(0))
         proto = await self.tls_link(a)
-        proto.transport.write(frame(encode_hello(LinkHello(node=uuid.uuid4(), cluster="test", version=1,
+        proto.transport.write(frame(encode_hello(LinkHello(node=self.certified(), cluster="test", version=1,
                                                            address="127.0.0.1:1")), 1 << 20))
         proto.transport.write(frame(encode_interest(["x" * 5000], []), 1 << 20))
         await self.wait_for(lambda: proto.lost is not None, "the link closed")
@@ -208,9 +208,8 @@ class LifecycleTests(MeshTestCase):
     async def test_restart_with_the_same_id(self) -> None:
         """A node restarted with the same id gets what was queued for it, and sequences start over."""
         a = await self.start_mesh_node(self.settings(0), name="a")
-        settings_b = self.settings(1, [a.address])
-        node_id = uuid.uuid4()
-        b = await self.start_mesh_node(settings_b, node_id=node_id)
+        settings_b = self.settings(1, [a.address])  # its certificate names its id: the same after a restart
+        b = await self.start_mesh_node(settings_b)
         await self.wait_for(lambda: a.links() == 1 and b.links() == 1, "link")
         sub = await self.client_of(b)
         await sub.subscribe("c")
@@ -219,7 +218,8 @@ class LifecycleTests(MeshTestCase):
         await pub_b.publish("c", b"b1")  # b's sequence reaches 1 on a
         await b.app.stopService()
         await self.wait_for(lambda: a.links() == 0, "b gone")
-        b2 = await self.start_mesh_node(settings_b, node_id=node_id)
+        b2 = await self.start_mesh_node(settings_b)
+        self.assertEqual(b2.app.node_id, b.app.node_id)
         sub2 = await self.client_of(b2)
         await sub2.subscribe("c")
         await self.wait_for(lambda: a.links() == 1, "b back")

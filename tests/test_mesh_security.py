@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import struct
+import uuid
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -53,7 +54,7 @@ class RefusalTests(MeshTestCase):
         other = Path(self.mktemp()).resolve()
         other.mkdir()
         create_ca(other, "impostors")
-        issue_node(other, "x", ["127.0.0.1"])
+        issue_node(other, "x", ["127.0.0.1"], node_id=uuid.uuid4())
         settings = self.settings(1, [node.address], cert=other / "x.pem", key=other / "x.key")
         await self.start_mesh_node(settings)
         await self.assert_refused(node, "closed before linking: TLS: certificate verify failed")
@@ -63,7 +64,7 @@ class RefusalTests(MeshTestCase):
         other = Path(self.mktemp()).resolve()
         other.mkdir()
         create_ca(other, "impostors")
-        issue_node(other, "x", ["127.0.0.1"])
+        issue_node(other, "x", ["127.0.0.1"], node_id=uuid.uuid4())
         impostor = await self.start_mesh_node(
             self.settings(1, ca=other / "ca.pem", cert=other / "x.pem", key=other / "x.key")
         )
@@ -76,7 +77,7 @@ class RefusalTests(MeshTestCase):
         d = self.certs()
         past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
         issue_node(d, "expired", ["127.0.0.1"], not_before=past - datetime.timedelta(days=30),
-                   not_after=past)
+                   not_after=past, node_id=uuid.uuid4())
         await self.start_mesh_node(self.settings(1, [node.address], cert=d / "expired.pem", key=d / "expired.key"))
         await self.assert_refused(node, "closed before linking: TLS: certificate verify failed")
         # The node tells the dialer why, in a TLS alert.

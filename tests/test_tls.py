@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import ssl
+import uuid
 import warnings
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.ssl import (
+    AcceptableCiphers, Certificate, CertificateOptions, TLSVersion, optionsForClientTLS, trustRootFromCertificates,
+)
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
 
+from meshd._io import LinkTLSFactory
 from meshd.client import connect
 from meshd.config import Config
 from meshd.mesh.certs import create_ca, issue_node
+from meshd.mesh.tls import Credentials
 
 from .meshsupport import MeshTestCase, Recorder
 from .support import NodeTestCase, payloads
@@ -96,7 +104,7 @@ class MeshTLSRulesTests(MeshTestCase):
     async def test_certificate_without_the_dialed_name(self) -> None:
         """A dialer refuses a peer whose certificate does not name the host it dialed."""
         d = self.certs()
-        issue_node(d, "elsewhere", ["10.9.8.7"])  # valid CA, wrong name
+        issue_node(d, "elsewhere", ["10.9.8.7"], node_id=uuid.uuid4())  # valid CA, wrong name
         wrong = await self.start_mesh_node(self.settings(1, cert=d / "elsewhere.pem", key=d / "elsewhere.key"))
         node = await self.start_mesh_node(self.settings(0, [wrong.address]))
         # Each attempt ends unlinked at both ends; wait for a second one, after the dialer backed off.
@@ -114,3 +122,65 @@ class MeshTLSRulesTests(MeshTestCase):
         proto = await endpoint.connect(Factory.forProtocol(Recorder))
         await self.wait_for(lambda: proto.lost is not None, "the refusal")
         self.assertEqual(node.mesh.peers, {})
+
+
+class LinkCipherTests(SynchronousTestCase):
+    """Mesh TLS 1.2 is AEAD only, both ways; handshakes pumped in memory."""
+
+    def setUp(self) -> None:
+        d = Path(self.mktemp()).resolve()
+        create_ca(d, "test")
+        for name in ("a", "b"):
+            issue_node(d, name, ["127.0.0.1"], node_id=uuid.uuid4())
+        self.creds = {name: Credentials.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}.key") for name in "ab"}
+        self.clock = Clock()
+
+    def other_side(self, ciphers: str) -> CertificateOptions:
+        """A TLS 1.2 peer with a valid certificate that offers only ``ciphers``."""
+        creds = self.creds["b"]
+        return CertificateOptions(
+            privateKey=creds.own.privateKey.original, certificate=creds.own.original,
+            trustRoot=trustRootFromCertificates([creds.ca]), lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(ciphers),
+        )
+
+    def handshake(self, client_options, server_options) -> tuple[Recorder, Recorder]:
+        client = LinkTLSFactory(client_options, True, Factory.forProtocol(Recorder)).buildProtocol(None)
+        server = LinkTLSFactory(server_options, False, Factory.forProtocol(Recorder)).buildProtocol(None)
+        pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
+                             client, iosim.FakeTransport(client, isServer=False), greet=False, clock=self.clock)
+        inner = client.wrappedProtocol, server.wrappedProtocol  # a failed handshake forgets them
+        pump.flush()
+        return inner
+
+    def test_listener_refuses_cbc(self) -> None:
+        """A mesh listener refuses a TLS 1.2 client that offers only CBC suites (SHA-1 or SHA-256)."""
+        for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"):
+            client, server = self.handshake(self.other_side(cbc), self.creds["a"].server_options())
+            self.assertFalse(client.handshaken or server.handshaken, cbc)
+
+    def test_dialer_refuses_cbc(self) -> None:
+        """A mesh dialer refuses a TLS 1.2 listener that offers only CBC suites."""
+        client, server = self.handshake(self.creds["a"].client_options("127.0.0.1"),
+                                        self.other_side("ECDHE-ECDSA-AES128-SHA"))
+        self.assertFalse(client.handshaken or server.handshaken)
+
+    def test_aead_suites_link(self) -> None:
+        """TLS 1.2 with ECDHE and AES-GCM or ChaCha20-Poly1305 still links, both ways."""
+        for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+            client, server = self.handshake(self.other_side(aead), self.creds["a"].server_options())
+            self.assertTrue(client.handshaken and server.handshaken, aead)
+            client, server = self.handshake(self.creds["a"].client_options("127.0.0.1"), self.other_side(aead))
+            self.assertTrue(client.handshaken and server.handshaken, aead)
+
+    def test_tls_1_3_links(self) -> None:
+        """A peer that speaks only TLS 1.3 links, both ways."""
+        creds = self.creds["b"]
+        only_1_3 = CertificateOptions(
+            privateKey=creds.own.privateKey.original, certificate=creds.own.original,
+            trustRoot=trustRootFromCertificates([creds.ca]), raiseMinimumTo=TLSVersion.TLSv1_3,
+        )
+        client, server = self.handshake(only_1_3, self.creds["a"].server_options())
+        self.assertTrue(client.handshaken and server.handshaken)
+        client, server = self.handshake(self.creds["a"].client_options("127.0.0.1"), only_1_3)
+        self.assertTrue(client.handshaken and server.handshaken)

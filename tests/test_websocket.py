@@ -79,28 +79,52 @@ def close_code(payload: bytes) -> int:
     return int.from_bytes(payload[:2], "big")
 
 
-class Connection:
-    """A node's WebSocket protocol on a StringTransport, past its opening handshake."""
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: meshd.v1\r\n\r\n"
+)
 
-    def __init__(self, **config) -> None:
+
+def handshake(*headers: str) -> bytes:
+    """The opening handshake with ``headers`` ("Name: value") added before its end."""
+    return HANDSHAKE[:-2] + b"".join(h.encode() + b"\r\n" for h in headers) + b"\r\n"
+
+
+def node_app(**config):
+    """An app on a task.Clock with the timers that tests do not drive turned off."""
+    from twisted.internet.task import Clock
+
+    settings = {"auto_ping_interval": 0, "open_handshake_timeout": 0, "hello_timeout": 0, **config}
+    # Autobahn's own timers (the close handshake's) run on the app's clock too.
+    return Application(Config(**settings), clock=Clock())
+
+
+class Connection:
+    """A node's WebSocket protocol on a StringTransport, past its opening handshake.
+
+    ``app`` shares one node between connections; ``host`` is the client's
+    address; ``request`` is the opening handshake to send (None: none).
+    """
+
+    def __init__(self, app: "Application | None" = None, host: str = "127.0.0.1",
+                 request: "bytes | None" = HANDSHAKE, **config) -> None:
         from twisted.internet.address import IPv4Address
-        from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
-        settings = {"auto_ping_interval": 0, "open_handshake_timeout": 0, "hello_timeout": 0, **config}
-        self.clock = Clock()
-        # Autobahn's own timers (the close handshake's) run on the app's clock too.
-        self.app = Application(Config(**settings), clock=self.clock)
+        self.app = app if app is not None else node_app(**config)
+        self.clock = self.app.clock
         self.protocol = self.app.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
         self.protocol.makeConnection(self.transport)
-        self.feed(
-            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Protocol: meshd.v1\r\n\r\n"
-        )
-        assert self.transport.value().startswith(b"HTTP/1.1 101"), self.transport.value()
-        self.transport.clear()
+        if request is not None:
+            self.feed(request)
+            assert self.transport.value().startswith(b"HTTP/1.1 101"), self.transport.value()
+            self.transport.clear()
+
+    @property
+    def session(self):
+        return self.protocol.session
 
     def feed(self, *chunks: bytes) -> None:
         for chunk in chunks:
@@ -111,6 +135,18 @@ class Connection:
         frames = server_frames(self.transport.value())
         self.transport.clear()
         return frames
+
+    def http_status(self) -> int:
+        """The status code of the node's HTTP answer to the opening handshake."""
+        return int(self.transport.value().split(b" ", 2)[1])
+
+    def lose(self) -> None:
+        """The TCP connection is gone."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(0)
 
 
 def ping(request_id: int, size: int = 0) -> bytes:
@@ -184,6 +220,19 @@ class FastPathTests(unittest.SynchronousTestCase):
         self.assertEqual(answers(connection.written()), [("pong", i, i % 200) for i in range(1, 501)])
         self.assertEqual(parsed_by_autobahn, [], "whole binary frames take the fast path")
 
+    def test_a_long_partial_frame_is_streamed(self) -> None:
+        """A frame arriving a little per read is taken over by Autobahn's parser once past partial_limit bytes,
+        so that each read costs what it brings rather than a re-join of all that came before."""
+        connection = Connection()
+        parsed_by_autobahn = []
+        process_data = connection.protocol.processData
+        connection.protocol.processData = lambda: parsed_by_autobahn.append(1) or process_data()
+        stream = client_frame(ping(1, 40_000)) + client_frame(ping(2))
+        connection.feed(*[stream[i : i + 100] for i in range(0, len(stream), 100)])
+        self.assertEqual(answers(connection.written()), [("pong", 1, 40_000), ("pong", 2, 0)])
+        self.assertGreater(len(parsed_by_autobahn), 0)
+        self.assertEqual(connection.protocol.partial_limit, 16 * 1024)
+
     def test_a_raising_dispatch_leaves_the_stream_whole(self) -> None:
         """If handling a message raises out of dispatch, the frames after it are still read, in order."""
         connection = Connection()
@@ -215,15 +264,19 @@ class FastPathTests(unittest.SynchronousTestCase):
         self.assertEqual(answers(connection.written()), [("pong", 1, 0), ("pong", 2, 200), ("close", code)])
 
     def test_unmasked_frame_after_good_ones(self) -> None:
+        """An unmasked client frame after answered ones closes the connection with 1002."""
         self.assert_closed_after_answers(client_frame(ping(9), masked=False), 1002)
 
     def test_text_frame_after_good_ones(self) -> None:
+        """A text frame after answered ones closes the connection with 1003."""
         self.assert_closed_after_answers(client_frame(b"hello", opcode=0x1), 1003)
 
     def test_reserved_bits_after_good_ones(self) -> None:
+        """A frame with reserved bits set after answered ones closes the connection with 1002."""
         self.assert_closed_after_answers(bytes([0xC2]) + client_frame(ping(9))[1:], 1002)
 
     def test_oversized_frame_after_good_ones(self) -> None:
+        """A frame over max_message_size after answered ones closes the connection with 1009."""
         self.assert_closed_after_answers(client_frame(ping(9, 2000)), 1009, max_message_size=1024)
 
     def test_oversized_frame_split_across_reads(self) -> None:
@@ -234,6 +287,7 @@ class FastPathTests(unittest.SynchronousTestCase):
         self.assertEqual(answers(connection.written()), [("pong", 1, 0), ("close", 1009)])
 
     def test_non_minimal_length_after_good_ones(self) -> None:
+        """A length not in its shortest encoding after answered frames closes the connection with 1002."""
         frame = ping(9)
         padded = bytes([0x82, 0x80 | 126]) + len(frame).to_bytes(2, "big") + client_frame(frame)[2:]
         self.assert_closed_after_answers(padded, 1002)
@@ -245,6 +299,7 @@ class FastPathTests(unittest.SynchronousTestCase):
         self.assertEqual(answers(connection.written()), [("pong", 1, 70_000), ("pong", 2, 0)])
 
     def test_nothing_after_a_close_frame_is_acted_on(self) -> None:
+        """A frame that follows the client's close frame is not answered."""
         connection = Connection()
         close = client_frame((1000).to_bytes(2, "big"), opcode=0x8)
         connection.feed(client_frame(ping(1)) + close + client_frame(ping(2)))

@@ -1,10 +1,13 @@
-# -*- test-case-name: tests.test_link -*-
+# -*- test-case-name: tests.test_link tests.test_mesh_trust -*-
 """One link between two nodes: framing, handshake, heartbeats, and its lifecycle.
 
 Both sides send a LinkHello, the dialer first.  The mesh checks it (cluster,
-version, not ourselves) before the link opens; anything else before the
-hello, a malformed frame, an oversize frame or a second hello is a protocol
-violation: the link says Goodbye and closes.  Heartbeats keep an idle link
+version, the node id its certificate names, not ourselves) before the link
+opens; anything else before the hello, a malformed frame, an oversize frame
+or a second hello is a protocol violation: the link says Goodbye and closes.
+A connection whose peer has not completed its LinkHello ``hello_timeout``
+seconds after the connection was made (TLS handshake included) is closed,
+however many bytes trickle in meanwhile.  Heartbeats keep an idle link
 alive and carry acknowledgements; a link that hears nothing for
 ``heartbeat_timeout`` seconds says Goodbye and is aborted, and one whose
 peer stops reading (``queue_max_bytes`` written while its transport stays
@@ -34,6 +37,7 @@ the link's state; :attr:`Link.closing`, :attr:`Link.is_open` and
     open             tick           open            a Heartbeat if nothing went out since the last
                                                     tick, or if acknowledgements are due
     handshaking*     tick           (same)          nothing
+    open             late           open            nothing (opening cancels the deadline)
     open             farewell       closing         close (the peer's Goodbye is kept)
     handshaking*,    violation      closing         Goodbye ProtocolViolation, close; counted
       open
@@ -41,6 +45,8 @@ the link's state; :attr:`Link.closing`, :attr:`Link.is_open` and
       open
     handshaking*,    silent         closing         Goodbye HeartbeatTimeout, close, abort
       open
+    handshaking*     late           closing         Goodbye HeartbeatTimeout ("no LinkHello"), close,
+                                                    abort; logged (and counted once lost)
     handshaking*,    overflowed     closing         abort, without a Goodbye
       open
     handshaking*,    abort          closing         abort: the dialer stopped (its ClientService
@@ -160,6 +166,9 @@ class _Inputs(TypingProtocol):
     def silent(self) -> None:
         "Nothing was heard for ``heartbeat_timeout`` seconds."
 
+    def late(self) -> None:
+        "``hello_timeout`` seconds passed since the connection was made, and the link is not open."
+
     def tick(self) -> None:
         "A heartbeat interval passed."
 
@@ -190,6 +199,7 @@ class Link(Protocol):
         self._unacked = 0
         self._unacked_bytes = 0
         self._ticker: Optional[LoopingCall] = None
+        self._hello_deadline = None  # the delayed call of the ``late`` input, until the link opens
         self._waiters: list[Deferred[Link]] = []  # when_opened()
         #: The machine's state; only the machine writes it (see _on).
         self._state = CONNECTING
@@ -254,6 +264,7 @@ class Link(Protocol):
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self.clock
         self._ticker.start(mesh.settings.heartbeat_interval, now=False)
+        self._hello_deadline = self.clock.callLater(mesh.settings.hello_timeout, self._machine.late)
         if self.dialed:
             self._machine.dialed()
         else:
@@ -276,6 +287,7 @@ class Link(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        self._cancel_hello_deadline()
         self.mesh.links.discard(self)
         self.outlet.discard()
         self.outlet.transport = None
@@ -332,6 +344,11 @@ class Link(Protocol):
         self.outlet.discard()
         self.transport.unregisterProducer()
         self.transport.abortConnection()
+
+    def _cancel_hello_deadline(self) -> None:
+        deadline, self._hello_deadline = self._hello_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def _settle_waiters(self, outcome: "Link | Failure") -> None:
         waiters, self._waiters = self._waiters, []
@@ -458,6 +475,7 @@ def _handshake(inputs: _Inputs, link: Link, frames: list[bytes]) -> None:
 
 @_on(_Inputs.hello, _handshaking, _open)
 def _become_open(inputs: _Inputs, link: Link, message: LinkHello, rest: list[bytes]) -> None:
+    link._cancel_hello_deadline()
     link.remote = message
     if not link.dialed:
         link._send_hello()
@@ -519,6 +537,15 @@ def _timed_out(inputs: _Inputs, link: Link) -> None:
     link.transport.abortConnection()
 
 
+@_on(_Inputs.late, _handshaking, _closing)
+def _no_hello(inputs: _Inputs, link: Link) -> None:
+    seconds = link.mesh.settings.hello_timeout
+    link.log.warn("{link}: no LinkHello within {seconds}s of connecting; closing", link=link, seconds=seconds)
+    link._say(GoodbyeCode.HeartbeatTimeout, f"no LinkHello within {seconds}s")
+    link._close()
+    link.transport.abortConnection()
+
+
 @_on(_Inputs.overflowed, [*_handshaking, _open], _closing)
 def _peer_does_not_read(inputs: _Inputs, link: Link) -> None:
     link.log.warn("{link}: the peer does not read; closing", link=link)
@@ -549,9 +576,10 @@ def _went_down(inputs: _Inputs, link: Link, reason: Failure) -> None:
 
 # What changes nothing: ticks before the link opens, and anything once it is closing.
 _on(_Inputs.tick, _handshaking)(_nothing)
+_on(_Inputs.late, [_open])(_nothing)
 for _input in (
     _Inputs.received, _Inputs.hello, _Inputs.refuse, _Inputs.violation, _Inputs.farewell,
-    _Inputs.goodbye, _Inputs.abort, _Inputs.overflowed, _Inputs.tick,
+    _Inputs.goodbye, _Inputs.abort, _Inputs.overflowed, _Inputs.tick, _Inputs.late,
 ):
     _on(_input, [_closing, _closed])(_nothing)
 _on(_Inputs.silent, [_closed])(_nothing)

@@ -81,3 +81,9 @@ class Outbox:
         for entry_seq, _at, data in self._entries:
             if entry_seq > seq:
                 yield data
+
+    def entries_after(self, seq: int) -> Iterator[tuple[int, bytes]]:
+        """The sequence numbers and frames above ``seq``, in order."""
+        for entry_seq, _at, data in self._entries:
+            if entry_seq > seq:
+                yield entry_seq, data

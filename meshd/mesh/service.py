@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mesh tests.test_link -*-
+# -*- test-case-name: tests.test_mesh tests.test_link tests.test_mesh_trust -*-
 """The mesh: links to every other node, and one-hop routing of events over them.
 
 Routing is a full mesh with one hop.  What originates on this node is sent
@@ -10,10 +10,27 @@ of one per-node sequence; a peer drops any number it has seen.
 Channel messages go only to peers with a subscriber on the channel: each node
 tells its peers which channels it has subscribers for (``Interest``), in its
 LinkHello and then as they change.
+
+What a peer may make this node hold or do is bounded (docs/mesh.md, "Trust"):
+
+- its node id is the one its certificate names (:meth:`Mesh.check_hello`);
+- its sequence numbers never jump more than ``max_sequence_gap`` past the
+  last one received from its incarnation (:meth:`Mesh.routed_received`); a
+  node keeps its own numbers within that gap for every peer with sequence
+  markers (:meth:`Mesh.route`, :func:`~meshd.mesh.wire.marker_frame`);
+- its interest holds at most ``max_peer_channels`` channels and
+  ``max_peer_interest_bytes`` bytes of names, kept ``queue_max_seconds``
+  after its link goes (channel messages wait for it meanwhile), then freed;
+- the nodes it tells of: at most :data:`MAX_UNKNOWN_NODES` never linked at a
+  time, which never displace nor block nodes that linked, dialed
+  :data:`MAX_UNKNOWN_DIALS` at a time for :data:`UNKNOWN_DIAL_WINDOW` seconds
+  each, and only at addresses that can be nodes (:meth:`Mesh.undialable`);
+  only nodes that linked with this one are passed on to others.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
@@ -33,7 +50,7 @@ from meshd.config import MeshSettings, split_address
 from meshd.mesh.framing import HEADER, FrameTooLarge, check_size
 from meshd.mesh.link import DialEndpoint, Link, LinkFactory, Violation, opening
 from meshd.mesh.outbox import Outbox
-from meshd.mesh.tls import Credentials
+from meshd.mesh.tls import Credentials, node_id_of, peer_certificate
 from meshd.mesh.wire import (
     MESH_VERSION,
     Cursor,
@@ -45,6 +62,7 @@ from meshd.mesh.wire import (
     Routed,
     encode_interest,
     encode_peers,
+    marker_frame,
     routed_frame,
 )
 
@@ -56,19 +74,25 @@ if TYPE_CHECKING:
 #: A port 0 in a tcp/tcp6 endpoint description (``tcp:0:...``, ``tcp:port=0:...``).
 _UNBOUND_PORT = re.compile(r"^(tcp6?:(?:port=)?)0(?=:|$)")
 
-#: At most this many other nodes are remembered; more are ignored (and logged).
+#: At most this many nodes that linked with this one are remembered; more are refused (and logged).
 MAX_PEERS = 1024
-#: At most this many channels of interest per peer, each at most this long.
-MAX_PEER_CHANNELS = 1_000_000
+#: At most this many nodes only heard of (never linked) are remembered; more are ignored (and logged).
+MAX_UNKNOWN_NODES = 64
+#: At most this many of those are dialed at a time, each for this many seconds before the next one's turn.
+MAX_UNKNOWN_DIALS = 8
+UNKNOWN_DIAL_WINDOW = 30.0
+#: A channel name of interest is at most this long.
 MAX_CHANNEL_BYTES = 4096
+#: What no sequence gap reaches: ``max_sequence_gap = 0`` turns the check off.
+_NO_GAP_LIMIT = 1 << 64
 
 
 class PeerState:
     """What this node knows of one other node, kept across its links."""
 
     __slots__ = (
-        "node", "address", "incarnation", "link", "interests", "outbox", "received_seq", "linked",
-        "down_since",
+        "node", "address", "incarnation", "link", "interests", "interest_bytes", "outbox", "received_seq",
+        "sent_seq", "linked", "down_since", "dial_started", "last_tried",
     )
 
     def __init__(self, node: UUID, address: Optional[str], outbox: Outbox, now: float) -> None:
@@ -77,10 +101,14 @@ class PeerState:
         self.incarnation: Optional[int] = None
         self.link: Optional[Link] = None
         self.interests: set[str] = set()
+        self.interest_bytes = 0  # UTF-8 bytes of the names in interests
         self.outbox = outbox
         self.received_seq = 0  # highest seq received from this node's current incarnation
+        self.sent_seq = 0  # highest seq written to its current link (frames and markers)
         self.linked = False  # has been linked at least once: frames for it wait while it is away
         self.down_since = now  # when it was last seen linked (or first heard of)
+        self.dial_started: Optional[float] = None  # never linked: when this turn of dialing it began
+        self.last_tried = 0.0  # never linked: when its last turn of dialing ended
 
 
 class Mesh(MultiService):
@@ -102,6 +130,8 @@ class Mesh(MultiService):
     ) -> None:
         super().__init__()
         self.setName("mesh")
+        # A certificate that names another node (or none, when peers require one) could never link.
+        credentials.check_node(node_id, settings.require_node_id_in_cert)
         self.settings = settings
         self.credentials = credentials
         self.clock = clock  # a reactor: it also listens, resolves and connects
@@ -112,6 +142,11 @@ class Mesh(MultiService):
         self._deliver = deliver
         self.incarnation = random.getrandbits(63) + 1
         self.seq = 0
+        #: A peer's numbers may jump this far (``max_sequence_gap``); ours jump at most half
+        #: of it for each peer: markers are due every quarter (see :meth:`route`).
+        self._max_gap = settings.max_sequence_gap or _NO_GAP_LIMIT
+        self._marker_step = max(1, settings.max_sequence_gap // 2) if settings.max_sequence_gap else 0
+        self._marks_due = max(1, settings.max_sequence_gap // 4) if settings.max_sequence_gap else _NO_GAP_LIMIT
         self.peers: dict[UUID, PeerState] = {}
         self.dialers: dict[str, ClientService] = {}
         #: Every live connection, handshaking or open.
@@ -123,6 +158,8 @@ class Mesh(MultiService):
         self._expiry.clock = self.clock
         #: The address other nodes dial; a port 0 in it becomes the port bound.
         self.advertise = settings.advertise
+        #: A node on loopback may dial loopback addresses; others may not (see :meth:`undialable`).
+        self._on_loopback = _is_loopback(settings.advertise.rpartition(":")[0].strip("[]"))
         #: Where the listener listens; a port 0 becomes the port first bound,
         #: so that the node keeps its address across a stop and a start.
         self._listen_on = settings.listen
@@ -166,6 +203,8 @@ class Mesh(MultiService):
         self._pending_interest.clear()
         if self._expiry.running:
             self._expiry.stop()
+        for peer in self.peers.values():
+            peer.dial_started = None  # every dialer stops: the turns start again with the service
         for link in list(self.links):
             link.goodbye(GoodbyeCode.Shutdown, "node shutting down")
         stopping = [self.park(address) for address in list(self.dialers)]
@@ -177,8 +216,8 @@ class Mesh(MultiService):
 
     # -- dialing --------------------------------------------------------------------
 
-    def dial(self, address: str) -> None:
-        """Keep a link dialed to ``address`` (until :meth:`park`)."""
+    def dial(self, address: str, first_retry: float = 0.1) -> None:
+        """Keep a link dialed to ``address`` (until :meth:`park`), retrying after ``first_retry`` seconds, then more."""
         if address in self.dialers or address == self.advertise:
             return
         try:
@@ -193,7 +232,7 @@ class Mesh(MultiService):
         service = ClientService(
             DialEndpoint(link_tls_endpoint(self.credentials.client_options(host), tcp)),
             LinkFactory(self, dialed=True, address=address),
-            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=self.settings.reconnect_max_delay),
+            retryPolicy=backoffPolicy(initialDelay=first_retry, maxDelay=self.settings.reconnect_max_delay),
             clock=self.clock,
             prepareConnection=opening,
         )
@@ -234,10 +273,13 @@ class Mesh(MultiService):
         )
 
     def introduce(self, link: Link) -> None:
-        """After a LinkHello: every channel with subscribers, and every node known."""
+        """After a LinkHello: every channel with subscribers, and every node that linked with this one.
+
+        Nodes only heard of are not passed on: what a peer invents stays here.
+        """
         for add in _chunks(list(self.registry.channels), self._budget()):
             link.send(encode_interest(add, []))
-        peers = [Peer(p.node, p.address) for p in self.peers.values() if p.address]
+        peers = [Peer(p.node, p.address) for p in self.peers.values() if p.address and p.linked]
         for chunk in _chunks(peers, self._budget(), size=lambda p: len(p.address) + 64):
             link.send(encode_peers(chunk))
 
@@ -252,6 +294,9 @@ class Mesh(MultiService):
             return GoodbyeCode.WrongCluster, f"cluster {hello.cluster!r} is not {self.settings.cluster!r}"
         if hello.version != MESH_VERSION:
             return GoodbyeCode.UnsupportedVersion, f"mesh version {hello.version} is not {MESH_VERSION}"
+        identity = self._check_identity(link, hello.node)
+        if identity is not None:
+            return GoodbyeCode.ProtocolViolation, identity
         if hello.node == self.node_id:
             return GoodbyeCode.Self, "this is the node itself"
         if hello.address:
@@ -259,8 +304,31 @@ class Mesh(MultiService):
                 split_address(hello.address)
             except ValueError as e:
                 return GoodbyeCode.ProtocolViolation, f"advertised address: {e}"
-        if hello.node not in self.peers and len(self.peers) >= MAX_PEERS:
-            return GoodbyeCode.ProtocolViolation, f"this node already knows {MAX_PEERS} nodes"
+        try:
+            _check_names(hello.interests)
+            self._check_interest(len(hello.interests), _interest_size(hello.interests))
+        except Violation as e:
+            return GoodbyeCode.ProtocolViolation, f"LinkHello: {e}"
+        known = self.peers.get(hello.node)
+        if known is None or not known.linked:
+            linked = sum(1 for p in self.peers.values() if p.linked)
+            if linked >= MAX_PEERS:
+                return GoodbyeCode.ProtocolViolation, f"this node already links with {MAX_PEERS} nodes"
+        return None
+
+    def _check_identity(self, link: Link, node: UUID) -> Optional[str]:
+        """Why a link claiming to be ``node`` is refused given its peer's certificate, or None."""
+        try:
+            cert = peer_certificate(link.transport)
+            named = node_id_of(cert) if cert is not None else None
+        except ValueError as e:  # IdentityError, or a certificate cryptography cannot read
+            return f"peer certificate: {e}"
+        if named is None:
+            if self.settings.require_node_id_in_cert:
+                return "the peer's certificate names no node id (see mesh.require_node_id_in_cert)"
+            return None
+        if named != node:
+            return f"LinkHello from node {node}, but the peer's certificate is node {named}'s"
         return None
 
     def hello_refused(self, link: Link, code: int, reason: str) -> None:
@@ -296,9 +364,16 @@ class Mesh(MultiService):
         peer = self.peers.get(hello.node)
         if peer is None:
             peer = self.peers[hello.node] = self._new_peer(hello.node, None)
-        new_address = hello.address and hello.address != peer.address
-        if hello.address:
-            peer.address = hello.address
+        told = None if peer.linked else peer.address  # where it was said to be, by gossip
+        new_address = bool(hello.address) and hello.address != peer.address
+        if new_address:
+            undialable = self.undialable(hello.address)
+            if undialable is None:
+                peer.address = hello.address
+            else:
+                self.log.warn("Not dialing node {node} at its address {address}: {reason}", node=hello.node,
+                              address=hello.address, reason=undialable)
+                new_address = False
         if peer.incarnation != hello.incarnation:
             peer.incarnation = hello.incarnation
             peer.received_seq = 0
@@ -318,7 +393,11 @@ class Mesh(MultiService):
         link.peer = peer
         peer.link = link
         peer.linked = True
-        peer.interests = set(hello.interests)  # then Interest frames follow
+        peer.dial_started = None
+        if told and told != peer.address and told not in self.settings.seeds:
+            self._park_unless_shared(told)  # it is elsewhere: its turn of dialing there ends
+        self._free_interest(peer)  # the peer sends all of it again: in its LinkHello, then Interest frames
+        self._add_interest(peer, hello.interests)  # within the bounds: check_hello checked them
         resume = next(
             (c.seq for c in hello.cursors if c.node == self.node_id and c.incarnation == self.incarnation), 0
         )
@@ -326,10 +405,7 @@ class Mesh(MultiService):
         if lost:
             self._dropped(peer, lost, "bytes")
         peer.outbox.ack(resume)
-        replayed = 0
-        for data in peer.outbox.after(resume):
-            link.write(data)
-            replayed += 1
+        replayed = self._resume(link, peer, resume)
         if not link.dialed and self._preferred(link, peer):
             self.park(peer.address)  # the other end keeps this link up
         self.log.info(
@@ -341,6 +417,36 @@ class Mesh(MultiService):
             self._tell_others(link, encode_peers([Peer(peer.node, peer.address)]))
         self.learn(hello.peers)
         return True
+
+    def _resume(self, link: Link, peer: PeerState, resume: int) -> int:
+        """Send again what the peer has not read past ``resume``; how many frames.
+
+        The numbers the peer receives stay within ``max_sequence_gap`` of
+        each other: where the frames kept for it (or the numbers this node
+        went on to use for others) jump further, markers fill the gap.  A
+        peer that has read nothing from this incarnation (``resume`` 0)
+        checks no gap before its first frame.
+        """
+        step = self._marker_step
+        sent = resume
+        replayed = 0
+        for seq, data in peer.outbox.entries_after(resume):
+            if step and sent:
+                sent = self._fill(link, sent, seq, step)
+            link.write(data)
+            sent = seq
+            replayed += 1
+        if step and sent:
+            sent = self._fill(link, sent, self.seq, step)
+        peer.sent_seq = sent
+        return replayed
+
+    def _fill(self, link: Link, sent: int, upto: int, step: int) -> int:
+        """Markers from ``sent`` on, ``step`` apart, until ``upto`` is within ``step``; the last number sent."""
+        while upto - sent > step:
+            sent += step
+            link.write(marker_frame(self.node_id, sent))
+        return sent
 
     def _preferred(self, link: Link, peer: PeerState) -> bool:
         """Whether ``link`` was dialed by the lower-id end: the link both ends keep."""
@@ -369,25 +475,98 @@ class Mesh(MultiService):
             self.dial(peer.address)
 
     def learn(self, peers: Iterable[Peer]) -> None:
-        """Dial the nodes we did not know of."""
+        """Take note of the nodes a linked peer tells of (in its LinkHello or a Peers frame).
+
+        A node that linked with this one before and is away is dialed again.
+        Nodes never linked are remembered up to :data:`MAX_UNKNOWN_NODES` and
+        dialed in turns (:meth:`_dial_unknown`); a node that was told of them
+        links with this one in any case, and so do they when they are real.
+        """
+        unknown = sum(1 for p in self.peers.values() if not p.linked)
+        learned = ignored = 0
         for p in peers:
             if p.node == self.node_id:
                 continue
             known = self.peers.get(p.node)
             if known is None:
-                try:
-                    split_address(p.address)
-                except ValueError as e:
-                    self.log.warn("Ignoring node {node}: {error}", node=p.node, error=e)
+                undialable = self.undialable(p.address)
+                if undialable is not None:
+                    self.log.warn("Ignoring node {node} at {address}: {reason}", node=p.node, address=p.address,
+                                  reason=undialable)
                     continue
-                if len(self.peers) >= MAX_PEERS:
-                    self.log.warn("Ignoring node {node}: {count} nodes known already", node=p.node,
-                                  count=len(self.peers))
+                if unknown >= MAX_UNKNOWN_NODES:
+                    ignored += 1
                     continue
-                known = self.peers[p.node] = self._new_peer(p.node, p.address)
+                self.peers[p.node] = self._new_peer(p.node, p.address)
+                unknown += 1
+                learned += 1
                 self.log.info("Learned of node {node} at {address}", node=p.node, address=p.address)
-            if known.link is None and self.running:
-                self.dial(known.address or p.address)
+            elif known.linked and known.link is None and known.address and self.running:
+                self.dial(known.address)
+        if ignored:
+            self.log.warn("Ignoring {count} more nodes told of: {known} nodes never linked are known already",
+                          count=ignored, known=unknown)
+        if learned:
+            self._dial_unknown()
+
+    def undialable(self, address: str) -> Optional[str]:
+        """Why this node does not dial ``address``, told by a peer; None if it does.
+
+        It must be ``HOST:PORT`` and not an unspecified or multicast address;
+        a loopback host only if this node advertises a loopback address itself.
+        """
+        try:
+            host, _port = split_address(address)
+        except ValueError as e:
+            return str(e)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and (ip.is_unspecified or ip.is_multicast):
+            return "not a unicast address"
+        if not self._on_loopback and _is_loopback(host):
+            return "a loopback address, and this node is not on loopback"
+        return None
+
+    def _dial_unknown(self) -> None:
+        """Dial the nodes never linked in turns: at most :data:`MAX_UNKNOWN_DIALS` at a time.
+
+        Each turn lasts :data:`UNKNOWN_DIAL_WINDOW` seconds (with the usual
+        backoff between attempts); then, if others wait, the dialer is parked
+        and the node waits for its next turn behind them.
+        """
+        if not self.running:
+            return
+        now = self.clock.seconds()
+        dialing: list[PeerState] = []
+        waiting: list[PeerState] = []
+        for p in self.peers.values():
+            if p.linked or not p.address:
+                continue
+            (dialing if p.dial_started is not None else waiting).append(p)
+        if not waiting:
+            return
+        for p in dialing:
+            if now - p.dial_started >= UNKNOWN_DIAL_WINDOW:
+                p.dial_started = None
+                p.last_tried = now
+                if p.address not in self.settings.seeds:  # a seed is dialed for good
+                    self._park_unless_shared(p.address)
+        busy = sum(1 for p in dialing if p.dial_started is not None)
+        waiting.sort(key=lambda p: p.last_tried)
+        for p in waiting[: max(0, MAX_UNKNOWN_DIALS - busy)]:
+            p.dial_started = now
+            self.dial(p.address, first_retry=1.0)
+
+    def _park_unless_shared(self, address: Optional[str]) -> None:
+        """Park ``address`` unless a node that linked with this one is dialed there too.
+
+        A node told of under another node's address must not stop the
+        dialing of that node when its turn ends or when it is forgotten.
+        """
+        if not any(p.linked and p.address == address for p in self.peers.values()):
+            self.park(address)
 
     def _new_peer(self, node: UUID, address: Optional[str]) -> PeerState:
         outbox = Outbox(self.settings.queue_max_bytes, self.settings.queue_max_seconds)
@@ -420,16 +599,42 @@ class Mesh(MultiService):
                     link.send(payload)
 
     def interest_received(self, link: Link, interest: Interest) -> None:
-        """Raises :class:`~meshd.mesh.link.Violation` past the bounds on channel names."""
+        """Raises :class:`~meshd.mesh.link.Violation` past the bounds (and frees the peer's interest)."""
         peer = link.peer
         if peer is None or peer.link is not link:
             return
-        if any(len(c) > MAX_CHANNEL_BYTES for c in interest.add):
-            raise Violation(f"a channel name over {MAX_CHANNEL_BYTES} bytes")
-        peer.interests.update(interest.add)
-        peer.interests.difference_update(interest.remove)
-        if len(peer.interests) > MAX_PEER_CHANNELS:
-            raise Violation(f"interest in over {MAX_PEER_CHANNELS} channels")
+        interests = peer.interests
+        for channel in interest.remove:
+            if channel in interests:
+                interests.remove(channel)
+                peer.interest_bytes -= len(channel.encode("utf-8"))
+        try:
+            self._add_interest(peer, interest.add)
+            self._check_interest(len(interests), peer.interest_bytes)
+        except Violation:
+            self._free_interest(peer)  # the link closes; the peer sends it all again if it links again
+            raise
+
+    def _add_interest(self, peer: PeerState, channels) -> None:
+        _check_names(channels)
+        interests = peer.interests
+        for channel in channels:
+            if channel not in interests:
+                interests.add(channel)
+                peer.interest_bytes += len(channel.encode("utf-8"))
+
+    def _check_interest(self, channels: int, size: int) -> None:
+        """Raise :class:`~meshd.mesh.link.Violation` if a peer's interest is past the bounds."""
+        settings = self.settings
+        if channels > settings.max_peer_channels:
+            raise Violation(f"interest in over {settings.max_peer_channels} channels (mesh.max_peer_channels)")
+        if size > settings.max_peer_interest_bytes:
+            raise Violation(f"interest in over {settings.max_peer_interest_bytes} bytes of channel names "
+                            f"(mesh.max_peer_interest_bytes)")
+
+    def _free_interest(self, peer: PeerState) -> None:
+        peer.interests = set()
+        peer.interest_bytes = 0
 
     # -- routing --------------------------------------------------------------------
 
@@ -457,8 +662,8 @@ class Mesh(MultiService):
         ]
         if not targets:
             return 0
-        self.seq += 1
-        data = routed_frame(self.node_id, self.seq, kind, event.frame, channel, watchable, exclude_session,
+        self.seq = seq = self.seq + 1
+        data = routed_frame(self.node_id, seq, kind, event.frame, channel, watchable, exclude_session,
                             length_prefix=True)
         try:
             check_size(len(data) - HEADER, self.settings.max_frame_size)
@@ -468,44 +673,76 @@ class Mesh(MultiService):
         now = self.clock.seconds()
         for peer in targets:
             outbox = peer.outbox
-            outbox.append(self.seq, data, now)
-            if peer.link is not None:
-                peer.link.write(data)
+            outbox.append(seq, data, now)
+            link = peer.link
+            if link is not None:
+                link.write(data)
+                peer.sent_seq = seq
                 if outbox.over:
                     outbox.trim()  # written already; kept only in case the link breaks
             elif outbox.over:
                 self._dropped(peer, outbox.clear(), "bytes")
         self.metrics.mesh_routed_sent += len(targets)
+        if seq >= self._marks_due:
+            self._mark_quiet_peers()
         return len(targets)
+
+    def _mark_quiet_peers(self) -> None:
+        """A marker to each linked peer sent nothing for half of ``max_sequence_gap`` numbers.
+
+        Numbers count every event this node routes, to any peer, so a peer
+        with no interest in the busy channels would otherwise see them jump
+        arbitrarily far.  This runs every quarter of the gap: no peer's
+        numbers jump by more than three quarters of it.
+        """
+        seq = self.seq
+        self._marks_due = seq + max(1, self._marker_step // 2)
+        for peer in self.peers.values():
+            link = peer.link
+            if link is not None and seq - peer.sent_seq >= self._marker_step:
+                link.write(marker_frame(self.node_id, seq))
+                peer.sent_seq = seq
 
     def routed_received(self, link: Link, routed: Routed) -> None:
         """Deliver a peer's routed frame here, once; raises :class:`~meshd.mesh.link.Violation` if it is not one."""
         peer = link.peer
         if routed.origin is not peer.node and routed.origin != peer.node:  # decode() reuses peer.node
             raise Violation(f"routed frame from {routed.origin}, not from the linked node {peer.node}")
-        if routed.seq <= peer.received_seq:
+        seq = routed.seq
+        last = peer.received_seq
+        if seq <= last:
             self.metrics.mesh_duplicates += 1
             return
+        if seq - last > self._max_gap and last:
+            raise Violation(f"routed frame {seq} jumps {seq - last} past {last}, the last one from that node "
+                            f"(mesh.max_sequence_gap {self._max_gap})")
         if routed.frame[4:8] != b"MSH1":
             raise Violation("routed frame does not carry a client frame")
-        peer.received_seq = routed.seq
+        peer.received_seq = seq
         self.metrics.mesh_routed_received += 1
         self._deliver(routed)
 
     def _expire(self) -> None:
+        """Every second: drop what waited too long, free what a long-gone peer held, forget the lost."""
         now = self.clock.seconds()
+        settings = self.settings
         for peer in list(self.peers.values()):
             if peer.link is not None:
                 continue
             dropped = peer.outbox.expire(now)
             if dropped:
                 self._dropped(peer, dropped, "seconds")
-            if now - peer.down_since > self.settings.forget_after:
+            down = now - peer.down_since
+            if peer.interests and down > settings.queue_max_seconds:
+                # Past the outage bound nothing need wait for it: it sends its interest again when it links.
+                self._free_interest(peer)
+            if down > settings.forget_after:
                 self.log.info("Forgetting node {node}: unreachable for {seconds:.0f}s", node=peer.node,
-                              seconds=now - peer.down_since)
+                              seconds=down)
                 del self.peers[peer.node]
-                self.park(peer.address)
+                self._park_unless_shared(peer.address)
                 self._dropped(peer, peer.outbox.clear(), "seconds")
+        self._dial_unknown()
 
     def _dropped(self, peer: PeerState, count: int, bound: str) -> None:
         if not count:
@@ -532,6 +769,24 @@ def _chunks(items: list, budget: int, size=lambda s: len(s.encode("utf-8")) + 8)
     if chunk:
         out.append(chunk)
     return out
+
+
+def _check_names(channels) -> None:
+    if any(len(c) > MAX_CHANNEL_BYTES for c in channels):
+        raise Violation(f"a channel name over {MAX_CHANNEL_BYTES} bytes")
+
+
+def _interest_size(channels) -> int:
+    return sum(len(c.encode("utf-8")) for c in channels)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _peer_of(link: Link) -> str:

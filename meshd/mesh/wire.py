@@ -12,7 +12,7 @@ from uuid import UUID
 import flatbuffers
 
 from meshd import flatverify as fv
-from meshd.codec import PADDING, WATCHABLE, Watchable, string_part, watchable_part
+from meshd.codec import PADDING, WATCHABLE, EventType, Watchable, encode_event, string_part, watchable_part
 from meshd.fb.client.Uuid import CreateUuid
 from meshd.fb.mesh import Cursor as C
 from meshd.fb.mesh import Frame as F
@@ -31,7 +31,7 @@ __all__ = [
     "MESH_IDENTIFIER", "MESH_VERSION", "Body", "Cursor", "Goodbye", "GoodbyeCode", "Heartbeat",
     "Interest", "LinkHello", "Malformed", "Peer", "Peers", "RouteKind", "Routed", "decode",
     "encode_goodbye", "encode_heartbeat", "encode_hello", "encode_interest", "encode_peers",
-    "encode_routed", "read_routed", "routed_frame",
+    "encode_routed", "marker_frame", "read_routed", "routed_frame",
 ]
 
 MESH_IDENTIFIER = b"MSHM"
@@ -377,6 +377,22 @@ def read_routed(buf: bytes, origin: Optional[UUID] = None) -> Optional[Routed]:
     if has_exclude:
         routed.exclude_session = UUID(int=(x_hi << 64) | x_lo)
     return routed
+
+
+#: The client frame of a sequence marker: an empty event that no session receives.
+_MARKER_EVENT = encode_event(EventType.NodeEvent)
+
+
+def marker_frame(origin: UUID, seq: int) -> bytes:
+    """A sequence marker, with the link's length prefix: a Routed frame that reaches no session.
+
+    It is a ``ChannelMessage`` without a channel, which every node (this
+    version and earlier ones) takes as the origin's sequence number ``seq``
+    and delivers to nobody.  A node sends markers so that the numbers a
+    peer receives from it never jump by more than ``max_sequence_gap``
+    (see :meth:`meshd.mesh.service.Mesh.route`).
+    """
+    return routed_frame(origin, seq, RouteKind.ChannelMessage, _MARKER_EVENT, length_prefix=True)
 
 
 def _frame_bytes(buf: bytes) -> bytes:

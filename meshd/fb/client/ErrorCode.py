@@ -18,3 +18,4 @@ class ErrorCode(object):
     TooManyWatches = 12
     InvalidArgument = 13
     InternalError = 14
+    RateLimited = 15
