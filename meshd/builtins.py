@@ -205,4 +205,8 @@ def _watchable(request: Request) -> Watchable:
             raise ProtocolError(
                 ErrorCode.InvalidWatchable, f"the watchable's {part} holds a control or format character"
             )
+    if "/" in watchable.kind:
+        # Permission rules match "KIND/ID": with a slash in the kind, ("a/b", "c") and ("a", "b/c")
+        # would be one target.
+        raise ProtocolError(ErrorCode.InvalidWatchable, "the watchable's kind may not hold a slash")
     return watchable

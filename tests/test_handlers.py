@@ -130,6 +130,17 @@ class PermissionTests(NodeTestCase):
         self.assertEqual(e.code, ErrorCode.PermissionDenied)
         self.assertEqual(list(self.app.registry.watchers), [Watchable("document", "1")])
 
+    async def test_watch_target_is_unambiguous(self) -> None:
+        """A watchable kind with a slash is refused, so that a "KIND/ID" target names one watchable."""
+        await self.start_node(Config(source=Path("test.toml"), rules=(
+            Rule("public/*", anonymous=frozenset({"watch"})),
+        )))
+        anon = await self.client()
+        e = await self.assertFailure(anon.watch("public/doc", "1"), MeshError)
+        self.assertEqual(e.code, ErrorCode.InvalidWatchable)
+        await anon.watch("public", "doc/1")  # a slash in the id is fine
+        self.assertEqual(list(self.app.registry.watchers), [Watchable("public", "doc/1")])
+
     async def test_development_allows_everything(self) -> None:
         """Without a configuration file every operation is allowed."""
         await self.start_node()
