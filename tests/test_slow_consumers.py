@@ -71,9 +71,13 @@ class ListenerCases:
         self.assertEqual([m.opcode for m in factory.messages], [Opcode.Welcome, Opcode.Ack])
         return client
 
-    def session_of(self, app):
+    async def stalled(self):
+        """A node, and a subscribed client of it that stopped reading: (app, client, its session)."""
+        app = await self.start()
+        client = await self.connect(app)
         [session] = [s for s in app.registry.sessions.values() if "firehose" in s.channels]
-        return session
+        client.stop_reading()
+        return app, client, session
 
     async def until_closed(self, app, session, each_turn) -> int:
         """Run ``each_turn`` once per reactor turn until the session is closed for being slow; the turns taken."""
@@ -86,10 +90,7 @@ class ListenerCases:
 
     async def test_events_a_little_per_turn(self) -> None:
         """Events written a few KiB per turn, never past the limit in one turn, still close a stalled reader (4002)."""
-        app = await self.start()
-        client = await self.connect(app)
-        session = self.session_of(app)
-        client.stop_reading()
+        app, client, session = await self.stalled()
         payload = b"x" * 4096
         await self.until_closed(app, session, lambda: app.state.clients.broadcast_to_channel(
             None, "firehose", payload, local_only=True))
@@ -121,10 +122,7 @@ class ListenerCases:
 
     async def test_pings_answered_to_a_reader_that_stalled(self) -> None:
         """WebSocket pings from a client that does not read its pongs cannot grow the node: it stops reading them."""
-        app = await self.start()
-        client = await self.connect(app)
-        session = self.session_of(app)
-        client.stop_reading()
+        app, client, session = await self.stalled()
 
         def pings() -> None:
             for _ in range(100):
@@ -134,10 +132,7 @@ class ListenerCases:
 
     async def test_requests_answered_to_a_reader_that_stalled(self) -> None:
         """meshd Ping requests from a client that does not read their Pongs cannot grow the node either."""
-        app = await self.start()
-        client = await self.connect(app)
-        session = self.session_of(app)
-        client.stop_reading()
+        app, client, session = await self.stalled()
         ping = encode(Opcode.Ping, request_id=7, payload=b"q" * 1000)
 
         def requests() -> None:
@@ -148,10 +143,7 @@ class ListenerCases:
 
     async def test_not_read_while_stuck(self) -> None:
         """While a session's output is stuck, the node does not read from it."""
-        app = await self.start()
-        client = await self.connect(app)
-        session = self.session_of(app)
-        client.stop_reading()
+        app, client, session = await self.stalled()
         payload = b"x" * 4096
         for _ in range(TURNS):
             if not self.reading(session) or session.close_code is not None:
