@@ -117,6 +117,15 @@ class MeshServerProtocol(FastServerProtocol):
         sizes = [n for n in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if n > 0]
         self.fast_limit = min([MAX_FAST_PAYLOAD, *sizes])
 
+    def onAutoPingTimeout(self) -> None:
+        # A client whose output is stuck cannot answer pings: the node stopped
+        # reading from it (see meshd._io.Outlet).  It is a slow consumer, and is
+        # counted and logged as one; Autobahn then drops the connection.
+        session = self.session
+        if session is not None and session.outlet.stuck:
+            session.lifecycle.overflowed()
+        super().onAutoPingTimeout()
+
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         self.fast_limit = 0
         self._message = None

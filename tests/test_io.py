@@ -331,6 +331,22 @@ class WebSocketTimeoutTests(unittest.SynchronousTestCase):
             session = next(iter(app.registry.sessions.values()))
             self.assertEqual((session.phase, session.close_code), ("closing", CLOSE_HELLO_TIMEOUT))
 
+    def test_keep_alive_of_a_client_that_does_not_read(self) -> None:
+        """A client whose output is stuck when its ping goes unanswered is closed as a slow consumer (4002)."""
+        from meshd.constants import CLOSE_SLOW_CONSUMER
+
+        app, protocol, transport, clock = self.connection(auto_ping_interval=0.5, auto_ping_timeout=0.25,
+                                                          hello_timeout=0)
+        protocol.dataReceived(HANDSHAKE)
+        session = next(iter(app.registry.sessions.values()))
+        session.outlet.pauseProducing()  # as the transport does when the client stopped reading
+        clock.advance(0.5)  # the ping
+        clock.advance(0.25)  # no pong: the client's pongs are not read
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(session.close_code, CLOSE_SLOW_CONSUMER)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(app.metrics.slow_consumer_closes, 1)
+
     def test_auto_ping(self) -> None:
         """Auto-ping pings at its interval and drops a client that does not answer within its timeout."""
         _app, protocol, transport, clock = self.connection(auto_ping_interval=0.5, auto_ping_timeout=0.25,
