@@ -67,3 +67,14 @@ class BenchSmokeTests(unittest.SynchronousTestCase):
         self.assertEqual(out.returncode, 0, out.stderr[-2000:])
         figures = json.loads(out.stdout.strip().splitlines()[-1])
         self.assertEqual(figures["delivered"], figures["published"])
+
+    def test_soak(self) -> None:
+        """bench/soak.py: with and without clients that stall or trickle, healthy ones lose nothing and the others are closed."""
+        out = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--duration", "10", "--subscribers", "20",
+                              "--rate", "200", "--size", "8192", "--max-send-buffer", "65536"], env=run.env(),
+                             capture_output=True, text=True, timeout=180, cwd=self.work)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        clean, bad = json.loads(out.stdout.strip().splitlines()[-1])
+        self.assertEqual((clean["bad_clients"], clean["healthy_lost"], clean["slow_closes"]), (0, 0, 0))
+        self.assertEqual((bad["bad_clients"], bad["healthy_lost"]), (2, 0))
+        self.assertEqual(bad["slow_closes"], 2, bad)
