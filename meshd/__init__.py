@@ -10,7 +10,27 @@ loads only what ``X`` needs (``meshctl certs`` loads no WebSocket stack).
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version; in a checkout that is not installed, pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshd")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"))
+        except OSError:
+            found = None
+        return found.group(1) if found else "0+unknown"
+
+
+#: One source of truth: ``version`` in pyproject.toml, read from the installed metadata.
+__version__ = _version()
 
 _EXPORTS = {
     "Application": "meshd.app",

@@ -17,14 +17,14 @@ from twisted.python.failure import Failure
 
 from meshd import builtins
 from meshd._io import EndOfTurn, Outlet
-from meshd.auth import DevelopmentAuthenticator, IAuthenticator, TokenAuthenticator
+from meshd.auth import DevelopmentAuthenticator, IAuthenticator, JWTAuthenticator, TokenAuthenticator, TokensOrJWT
 from meshd.codec import ErrorCode, Opcode, ProtocolError, decode, encode
 from meshd.config import Config
 from meshd.constants import CLOSE_GOING_AWAY, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
 from meshd.delivery import LocalDelivery
 from meshd.handlers import Handlers, Request, lookup
 from meshd.limits import Limits
-from meshd.metrics import Metrics, MetricsResource
+from meshd.metrics import Metrics
 from meshd.permissions import Policy
 from meshd.registry import Registry
 from meshd.session import Session
@@ -60,13 +60,17 @@ class Application(MultiService):
         self.metrics = Metrics()
         #: Runs the end-of-turn steps: batches, mesh interest, then every connection's writes.
         self.turn = EndOfTurn(clock)
+        self.turn.timed = self.metrics.turns.observe
         self.delivery = LocalDelivery(self.registry, self.metrics, self.turn)
         #: The mesh service, when the configuration has a ``[mesh]`` section.
         self.mesh = self._make_mesh(config.mesh) if config.mesh is not None else None
         self.state = NodeState(self.node_id, self.registry, self.delivery, self.mesh, self.metrics)
         self.policy = Policy.development() if config.development else Policy(config.rules)
         if authenticator is None:
-            if config.tokens or not config.development:
+            if config.jwt is not None:
+                # A token in the JWT compact form is checked as a JWT, any other against [auth.tokens].
+                authenticator = TokensOrJWT(TokenAuthenticator(config.tokens), JWTAuthenticator(config.jwt, clock))
+            elif config.tokens or not config.development:
                 authenticator = TokenAuthenticator(config.tokens)
             else:
                 authenticator = DevelopmentAuthenticator()
@@ -76,6 +80,12 @@ class Application(MultiService):
         #: What clients may cost the node: connections, requests, failed Hellos (see meshd.limits).
         self.limits = Limits.from_config(config, clock)
         self.factory = MeshServerFactory(self, config, clock)
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        """Whether the node is draining: ``/readyz`` answers 503 meanwhile (nothing sets it yet)."""
+        return self._draining
 
     def get_state(self) -> NodeState:
         return self.state
@@ -90,10 +100,10 @@ class Application(MultiService):
         self.log.info("WebSocket clients on {endpoint}", endpoint=endpoint)
 
     def serve_metrics(self, endpoint: str) -> None:
-        """Serve ``GET /metrics`` (Prometheus text format) on a server endpoint string."""
-        from twisted.web.server import Site
+        """Serve ``GET /metrics`` (Prometheus text format), ``/healthz`` and ``/readyz`` on a server endpoint string."""
+        from meshd.metrics import MetricsSite
 
-        service = strports.service(endpoint, Site(MetricsResource(self)))
+        service = strports.service(endpoint, MetricsSite(self))
         service.setName(f"metrics:{endpoint}")
         service.setServiceParent(self)
 
@@ -131,7 +141,10 @@ class Application(MultiService):
                 "loopback only; every operation is allowed and any token is accepted",
                 node=self.node_id,
             )
-        self.log.info("meshd node {node} starting", node=self.node_id)
+        self.log.info(
+            "meshd node {node}{named} starting", node=self.node_id,
+            named=f" ({self.config.node_name})" if self.config.node_name else "",
+        )
         super().startService()
 
     def stopService(self) -> Deferred:
@@ -174,7 +187,10 @@ class Application(MultiService):
 
     def dispatch(self, session: Session, data: bytes) -> None:
         """Handle one binary message from ``session``; answer bad input with an Error frame."""
-        self.metrics.frames_received += 1
+        metrics = self.metrics
+        metrics.frames_received += 1
+        if self.turn.first_read is None:
+            self.turn.reading()  # once per turn: meshd_turn_seconds
         try:
             message = decode(data)
         except ProtocolError as e:
@@ -184,6 +200,8 @@ class Application(MultiService):
             self.log.failure("Decoding a frame from {session} failed", session=session.id)
             self._refuse(session, ProtocolError(ErrorCode.Malformed, "malformed frame"), 0)
             return
+        opcodes = metrics.opcodes
+        opcodes[message.opcode] = opcodes.get(message.opcode, 0) + 1
         request = Request(self, session, message)
         try:
             registration = lookup(self.handlers, session, message)

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_handlers -*-
-"""The built-in handlers: Hello, Subscribe, Unsubscribe, Publish, Watch, Unwatch, Ping."""
+"""The built-in handlers: Hello, Refresh, Subscribe, Unsubscribe, Publish, Watch, Unwatch, Ping."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
+from meshd.auth import Identity
 from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable, encode
 from meshd.constants import CLOSE_HELLO_FAILURES
 from meshd.handlers import Handlers, Request
@@ -17,6 +18,7 @@ from meshd.permissions import PUBLISH, SUBSCRIBE, WATCH
 def install(handlers: Handlers) -> None:
     handlers._install(Opcode.Hello, hello, requires_hello=False)
     handlers._install(Opcode.Ping, ping, requires_hello=False)
+    handlers._install(Opcode.Refresh, refresh)
     handlers._install(Opcode.Subscribe, subscribe)
     handlers._install(Opcode.Unsubscribe, unsubscribe)
     handlers._install(Opcode.Publish, publish)
@@ -46,7 +48,7 @@ def hello(request: Request) -> Optional[Deferred]:
     session.lifecycle.hello_started()
     d = maybeDeferred(request.app.authenticator.authenticate, message.token)
 
-    def authenticated(principal: Optional[str]) -> None:
+    def authenticated(principal: "Optional[str | Identity]") -> None:
         if not principal:
             session.lifecycle.hello_refused()
             failed = limits.hello_failed(session)
@@ -75,12 +77,28 @@ def _close_for_failures(request: Request, reason: str, failed: int) -> None:
     session.lifecycle.close(CLOSE_HELLO_FAILURES, reason)
 
 
-def _welcome(request: Request, principal: Optional[str]) -> None:
+def _identity(proof: "str | Identity") -> Identity:
+    """What an authenticator returned, as an Identity; raise TypeError for anything else."""
+    if isinstance(proof, Identity):
+        return proof
+    if isinstance(proof, str):
+        return Identity(proof)
+    raise TypeError(f"the authenticator returned {type(proof).__name__}, not a str principal or an Identity")
+
+
+def _welcome(request: Request, proof: "Optional[str | Identity]") -> None:
     session, app = request.session, request.app
-    if principal is not None and not isinstance(principal, str):
+    try:
+        identity = _identity(proof) if proof is not None else None
+    except TypeError:
         session.lifecycle.hello_refused()
-        raise TypeError(f"the authenticator returned {type(principal).__name__}, not a str principal")
-    session.lifecycle.welcome(principal, request.message.batch)
+        raise
+    if identity is None:
+        principal = None
+        session.lifecycle.welcome(None, request.message.batch)
+    else:
+        principal = identity.principal
+        session.lifecycle.welcome(principal, request.message.batch, identity.expires, identity.grants)
     app.registry.admit(session)
     request.reply(
         Opcode.Welcome,
@@ -91,6 +109,34 @@ def _welcome(request: Request, principal: Optional[str]) -> None:
         max_message_size=app.config.max_message_size,
         batch=request.message.batch,
     )
+
+
+def refresh(request: Request) -> Optional[Deferred]:
+    """A new token for the session's principal: accepted, it replaces the old one's expiry and grants."""
+    session, message, limits = request.session, request.message, request.app.limits
+    if message.token is None:
+        raise ProtocolError(ErrorCode.MissingField, "Refresh needs a token")
+    if not session.authenticated:
+        raise ProtocolError(ErrorCode.AuthenticationFailed, "an anonymous session has no token to refresh")
+    if not limits.may_try_token(session):
+        _close_for_failures(request, "too many failed Hellos from this address", 0)
+        return None
+    principal = session.principal
+    d = maybeDeferred(request.app.authenticator.authenticate, message.token)
+
+    def checked(proof: "Optional[str | Identity]") -> None:
+        identity = _identity(proof) if proof else None
+        if identity is None or identity.principal != principal:
+            failed = limits.hello_failed(session)
+            why = "the token was not accepted" if identity is None else "the token is for another principal"
+            if failed >= limits.max_failed_hellos and session.is_open:
+                request.fail(ErrorCode.AuthenticationFailed, why)
+                _close_for_failures(request, "too many failed Hellos", failed)
+                return
+            raise ProtocolError(ErrorCode.AuthenticationFailed, why)
+        session.lifecycle.refreshed(identity.expires, identity.grants)
+
+    return d.addCallback(checked)
 
 
 def ping(request: Request) -> None:
@@ -154,7 +200,7 @@ def unwatch(request: Request) -> None:
 
 def _require(request: Request, action: str, target: str) -> None:
     session = request.session
-    if not request.app.policy.allows(action, target, session.authenticated):
+    if not request.app.policy.allows(action, target, session.authenticated, session.principal, session.grants):
         who = f"principal {session.principal!r}" if session.authenticated else "an anonymous session"
         raise ProtocolError(ErrorCode.PermissionDenied, f"{who} may not {action} {target!r}")
 

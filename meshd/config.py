@@ -68,6 +68,33 @@ class MeshSettings:
     max_peer_interest_bytes: int = 16 << 20
 
 
+#: The JWT algorithms a node accepts, by the kind of key that verifies them (``none`` is never accepted).
+HMAC_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}  # and the shortest secret for each, in bytes
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class JWTSettings:
+    """The ``[auth.jwt]`` section: how Hello tokens that are JWTs are verified.
+
+    Exactly one of :attr:`secret`, :attr:`public_key` and :attr:`jwks_url` is set.
+    """
+
+    algorithms: tuple[str, ...]
+    secret: Optional[str] = field(default=None, repr=False)
+    #: A PEM public key file (resolved against the configuration file's folder).
+    public_key: Optional[Path] = None
+    jwks_url: Optional[str] = None
+    #: When set, a token's ``aud`` must name one of these; when not, a token with an ``aud`` is refused.
+    audience: Optional[tuple[str, ...]] = None
+    issuer: Optional[str] = None
+    leeway: float = 0.0
+    #: A token whose ``kid`` the cached key set lacks refetches it at most this often.
+    jwks_min_refetch: float = 30.0
+    #: How long fetched keys are used before the next token fetches them again.
+    jwks_cache_seconds: float = 3600.0
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` to (host, port); raise ValueError otherwise."""
     host, sep, port = address.rpartition(":")
@@ -112,6 +139,8 @@ class Config:
     max_channels: int = 100_000
     # [auth]
     tokens: Mapping[str, str] = field(default_factory=dict)
+    # [auth.jwt]
+    jwt: Optional[JWTSettings] = None
     # [[rules]]
     rules: tuple[Rule, ...] = ()
     # [extensions]
@@ -291,6 +320,9 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules', 'mesh'])})")
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {section}: expected a table")
+        if section == "auth" and "jwt" in body:
+            body = dict(body)
+            values["jwt"] = _jwt(body.pop("jwt"), path)
         for key, value in body.items():
             if key not in keys:
                 raise ConfigError(f"{path}: unknown key {section}.{key} (known: {', '.join(keys)})")
@@ -325,6 +357,73 @@ def _rules(body: Any, path: Path) -> tuple[Rule, ...]:
             grants[who] = frozenset(actions)
         rules.append(Rule(rule["match"], **grants))
     return tuple(rules)
+
+
+def _audience(v: Any) -> tuple[str, ...]:
+    values = (v,) if isinstance(v, str) else _texts(v)
+    if not values or not all(values):
+        raise ValueError(f"expected a string or a list of non-empty strings, got {v!r}")
+    return values
+
+
+def _url(v: Any) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", _text(v)):
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+    return v
+
+
+_JWT_KEYS: dict[str, Callable[[Any], Any]] = {
+    "algorithms": _texts,
+    "secret": _text,
+    "public_key": _text,
+    "jwks_url": _url,
+    "audience": _audience,
+    "issuer": _text,
+    "leeway": _seconds,
+    "jwks_min_refetch": _seconds,
+    "jwks_cache_seconds": _seconds,
+}
+
+
+def _jwt(body: Any, path: Path) -> JWTSettings:
+    """The ``[auth.jwt]`` table; errors name the file and the key (``auth.jwt.KEY``)."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: auth.jwt: expected a table")
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        check = _JWT_KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{path}: unknown key auth.jwt.{key} (known: {', '.join(_JWT_KEYS)})")
+        try:
+            values[key] = check(value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: auth.jwt.{key}: {e}") from None
+    sources = [k for k in ("secret", "public_key", "jwks_url") if k in values]
+    if len(sources) != 1:
+        raise ConfigError(f"{path}: auth.jwt: set exactly one of secret, public_key and jwks_url")
+    algorithms = values.get("algorithms")
+    if not algorithms:
+        raise ConfigError(f"{path}: auth.jwt.algorithms is required: a list such as [\"RS256\"]")
+    allowed = list(HMAC_ALGORITHMS) if sources[0] == "secret" else list(PUBLIC_KEY_ALGORITHMS)
+    for algorithm in algorithms:
+        if algorithm not in allowed:
+            raise ConfigError(
+                f"{path}: auth.jwt.algorithms: {algorithm!r} cannot be verified with {sources[0]} "
+                f"(allowed: {', '.join(allowed)})"
+            )
+    if "secret" in values:
+        needed = max(HMAC_ALGORITHMS[a] for a in algorithms)
+        if len(values["secret"].encode("utf-8")) < needed:
+            raise ConfigError(f"{path}: auth.jwt.secret: must be at least {needed} bytes for {', '.join(algorithms)}")
+    if "public_key" in values:
+        values["public_key"] = (path.parent / values["public_key"]).resolve()
+        from meshd.auth import load_public_key
+
+        try:
+            load_public_key(values["public_key"])
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: auth.jwt.public_key: {e}") from None
+    return JWTSettings(**values)
 
 
 def _address(v: Any) -> str:

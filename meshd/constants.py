@@ -27,3 +27,5 @@ CLOSE_SLOW_CONSUMER = 4002
 CLOSE_HELLO_FAILURES = 4003
 #: Requests kept coming faster than ``limits.request_rate`` until the session owed more than ``limits.request_burst``.
 CLOSE_RATE_LIMITED = 4004
+#: The session's token (a JWT's ``exp``, plus ``auth.jwt.leeway``) expired before a Refresh replaced it.
+CLOSE_TOKEN_EXPIRED = 4005

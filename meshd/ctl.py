@@ -2,8 +2,9 @@
 """``meshctl``: talk to a meshd node from a shell.
 
 Events are printed to standard output as JSON lines; status goes to
-standard error.  Exit status: 0 done, 1 the node refused a request,
-2 bad usage, 3 the node could not be reached or closed the connection.
+standard error.  Exit status: 0 done, 1 the node refused a request (or
+``check-config`` found problems, one line each), 2 bad usage, 3 the node
+could not be reached or closed the connection.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the node")
 
     top = argparse.ArgumentParser(prog="meshctl", description="Talk to a meshd node.")
+    top.add_argument("--version", action="version", version=_version(), help="print meshd's version and exit")
     commands = top.add_subparsers(dest="command", required=True)
 
     sub = commands.add_parser("sub", parents=[common], help="subscribe and print events")
@@ -95,11 +97,35 @@ def parser() -> argparse.ArgumentParser:
                       help="the node's id, written into the certificate; default: a new one, printed "
                            "to standard output (set it as [node] id in the node's configuration)")
 
+    check = commands.add_parser(
+        "check-config", help="check a node's configuration file as start-up would; exit 0, or 1 with one line per problem"
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+
     watch = commands.add_parser("watch", parents=[common], help="watch a resource and print events")
     watch.add_argument("kind", metavar="KIND")
     watch.add_argument("id", metavar="ID")
     watch.add_argument("--count", type=int, help="exit after this many events")
     return top
+
+
+def _version() -> str:
+    from meshd import __version__
+
+    return f"meshd {__version__}"
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Print each problem of the configuration file as one line on standard error (exit 1), or OK."""
+    from meshd.tap import check_file
+
+    problems = check_file(args.file)
+    for problem in problems:
+        print(problem, file=sys.stderr, flush=True)
+    if problems:
+        return 1
+    print(f"{args.file}: OK", flush=True)
+    return 0
 
 
 def _node_id(text: str) -> UUID:
@@ -194,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
     if args.command == "certs":
         sys.exit(certs(args))
+    if args.command == "check-config":
+        sys.exit(check_config(args))
 
     def start(reactor) -> Deferred:
         from twisted.internet.defer import ensureDeferred

@@ -7,13 +7,18 @@
         ^   |                        |                          |
         |   +------welcome-----------|--------------------------+
         +------hello_refused---------+
+    welcomed --refreshed--> welcomed (the expiry timer moves)
     any state but closed --close / hello_timed_out / overflowed--> closing
+    welcomed --token_expired--> closing
     any state --lost--> closed
 
 The machine is the only writer of the session's lifecycle fields
-(:attr:`Session.phase`, :attr:`Session.principal`, :attr:`Session.batch`,
-:attr:`Session.close_code`) and owns the hello timer: it starts when the
-session opens and stops when it is welcomed or gone.  Handlers read the
+(:attr:`Session.phase`, :attr:`Session.principal`, :attr:`Session.grants`,
+:attr:`Session.expires`, :attr:`Session.batch`, :attr:`Session.close_code`)
+and owns two timers: the hello timer starts when the session opens and stops
+when it is welcomed or gone; the expiry timer runs while a welcomed
+session's token has an expiry (``welcome`` starts it, ``refreshed`` moves
+it, closing stops it) and fires ``token_expired``.  Handlers read the
 fields; they change them only through the machine's inputs.
 """
 
@@ -27,7 +32,8 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
 from meshd.codec import encode_batch
-from meshd.constants import CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
+from meshd.constants import CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED
+from meshd.permissions import NO_GRANTS, Grants
 from meshd.wsframes import frame_binary
 
 if TYPE_CHECKING:
@@ -58,8 +64,15 @@ class Lifecycle(Protocol):
     def hello_refused(self) -> None:
         "The token proved nothing (or the check failed): the client may try again."
 
-    def welcome(self, principal: Optional[str], batch: bool) -> None:
-        "The Hello is accepted."
+    def welcome(self, principal: Optional[str], batch: bool, expires: Optional[float] = None,
+                grants: Grants = NO_GRANTS) -> None:
+        "The Hello is accepted; its token, if any, ends at ``expires`` (clock seconds) and grants ``grants``."
+
+    def refreshed(self, expires: Optional[float], grants: Grants) -> None:
+        "A Refresh's new token for the same principal is accepted: it ends at ``expires``."
+
+    def token_expired(self) -> None:
+        "The session's token expired without a Refresh."
 
     def hello_timed_out(self) -> None:
         "``limits.hello_timeout`` passed without a Welcome."
@@ -102,16 +115,26 @@ _connected.upon(Lifecycle.hello_started).to(_authenticating)(_enter(AUTHENTICATI
 _authenticating.upon(Lifecycle.hello_refused).to(_connected)(_enter(CONNECTED))
 
 
-def _do_welcome(lifecycle: Lifecycle, core: _Core, principal: Optional[str], batch: bool) -> None:
+def _do_welcome(lifecycle: Lifecycle, core: _Core, principal: Optional[str], batch: bool,
+                expires: Optional[float] = None, grants: Grants = NO_GRANTS) -> None:
     session = core.session
     session._stop_hello_timer()
     session.phase = WELCOMED
     session.principal = principal
     session.batch = batch
+    session.grants = grants
+    session._expire_at(expires)
+
+
+def _do_refresh(lifecycle: Lifecycle, core: _Core, expires: Optional[float], grants: Grants) -> None:
+    session = core.session
+    session.grants = grants
+    session._expire_at(expires)
 
 
 _connected.upon(Lifecycle.welcome).to(_welcomed)(_do_welcome)
 _authenticating.upon(Lifecycle.welcome).to(_welcomed)(_do_welcome)
+_welcomed.upon(Lifecycle.refreshed).loop()(_do_refresh)
 
 
 def _closer(code: int, reason: str):
@@ -125,6 +148,7 @@ def _do_close(lifecycle: Lifecycle, core: _Core, code: int, reason: str) -> None
     core.session._close(code, reason)
 
 
+_welcomed.upon(Lifecycle.token_expired).to(_closing)(_closer(CLOSE_TOKEN_EXPIRED, "token expired"))
 for _state in (_connected, _authenticating):
     _state.upon(Lifecycle.hello_timed_out).to(_closing)(_closer(CLOSE_HELLO_TIMEOUT, "no Hello in time"))
 for _state in (_connected, _authenticating, _welcomed):
@@ -137,6 +161,7 @@ for _state in (_connected, _authenticating, _welcomed):
 def _do_lost(lifecycle: Lifecycle, core: _Core) -> None:
     session = core.session
     session._stop_hello_timer()
+    session._expire_at(None)
     session.phase = CLOSED
     session.queue.clear()
 
@@ -147,7 +172,7 @@ for _state in (_connected, _authenticating, _welcomed, _closing):
 # What arrives too late to matter: a token check finishing after the close,
 # a timer or an overflow racing a close, a second close.
 for _input in (Lifecycle.hello_refused, Lifecycle.welcome, Lifecycle.hello_timed_out, Lifecycle.overflowed,
-               Lifecycle.close):
+               Lifecycle.close, Lifecycle.refreshed, Lifecycle.token_expired):
     _closing.upon(_input).loop()(lambda lifecycle, core, *args: None)
     _closed.upon(_input).loop()(lambda lifecycle, core, *args: None)
 _closed.upon(Lifecycle.lost).loop()(lambda lifecycle, core: None)
@@ -168,8 +193,9 @@ class Session:
     """
 
     __slots__ = (
-        "id", "protocol", "peer", "outlet", "metrics", "phase", "principal", "batch", "close_code",
-        "channels", "watching", "lifecycle", "queue", "_hello_timer", "__weakref__",
+        "id", "protocol", "peer", "outlet", "metrics", "phase", "principal", "grants", "expires", "batch",
+        "close_code", "channels", "watching", "lifecycle", "queue", "_clock", "_hello_timer", "_expiry_timer",
+        "__weakref__",
     )
 
     log = Logger()
@@ -194,6 +220,10 @@ class Session:
         self.phase = CONNECTED
         #: Who the Hello's token proved; None for an anonymous session.
         self.principal: Optional[str] = None
+        #: What its token grants beyond the rules (see meshd.permissions.Grants).
+        self.grants: Grants = NO_GRANTS
+        #: When its token expires, in the clock's seconds; None: never (or no token).
+        self.expires: Optional[float] = None
         #: Whether it takes Batch frames (said so in its Hello).
         self.batch = False
         #: The close code the node sent it, if the node closed it.
@@ -204,7 +234,9 @@ class Session:
         #: (by :mod:`meshd.delivery`); nothing joins a segment once something
         #: follows it here.
         self.queue: list[Segment] = []
+        self._clock = clock
         self._hello_timer = None
+        self._expiry_timer = None
         self.lifecycle: Lifecycle = _Machine(_Core(self))
         outlet.on_overflow = self.lifecycle.overflowed
         outlet.accepting = True  # the WebSocket is open
@@ -282,6 +314,7 @@ class Session:
 
     def _close(self, code: int, reason: str) -> None:
         self._stop_hello_timer()
+        self._expire_at(None)
         self.phase = CLOSING
         self.close_code = code
         self.queue.clear()
@@ -292,8 +325,20 @@ class Session:
             )
         elif code == CLOSE_HELLO_TIMEOUT:
             self.log.info("Closing {session}: no Hello in time", session=self.id)
+        elif code == CLOSE_TOKEN_EXPIRED:
+            self.log.info("Closing {session}: its token expired", session=self.id)
         if self.protocol.state == _OPEN:
             self.protocol.sendClose(code, reason)
+
+    def _expire_at(self, expires: Optional[float]) -> None:
+        """(Re)start the expiry timer for ``expires``, or stop it for None."""
+        timer, self._expiry_timer = self._expiry_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.expires = expires
+        if expires is not None and self._clock is not None:
+            delay = max(0.0, expires - self._clock.seconds())
+            self._expiry_timer = self._clock.callLater(delay, self.lifecycle.token_expired)
 
     def _stop_hello_timer(self) -> None:
         timer, self._hello_timer = self._hello_timer, None

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from meshd.app import Application
 from meshd.config import DEFAULT_LISTEN, LOOPBACK_ORIGINS, Config, ConfigError, is_loopback, load
 from meshd.permissions import Rule
-from meshd.tap import Options, makeService
+from meshd.tap import Options, Refused, makeService, uninstall_process_hooks
 
 FULL = """
 [node]
@@ -170,35 +170,37 @@ class OptionsTests(unittest.TestCase):
     def test_flags_override_file(self) -> None:
         """Flags win over the file; --module adds to the file's modules."""
         path = Path(self.mktemp() + ".toml")
-        path.write_text(FULL)
+        path.write_text(FULL.replace('modules = ["json"]', 'modules = ["tests.extension_for_tests"]'))
         config = self.parse(
             "--config", str(path), "--listen", "tcp:7000:interface=127.0.0.1",
             "--max-message-size", "999", "--node-id", "00000000-0000-0000-0000-000000000001",
-            "--module", "os",
+            "--module", "tests.mesh_extension",
         )["config_object"]
         self.assertEqual(config.listen, ("tcp:7000:interface=127.0.0.1",))
         self.assertEqual(config.max_message_size, 999)
         self.assertEqual(config.node_id, UUID(int=1))
-        self.assertEqual(config.modules, ("json", "os"))
+        self.assertEqual(config.modules, ("tests.extension_for_tests", "tests.mesh_extension"))
         self.assertEqual(config.max_subscriptions, 10)
 
     def test_bad_flags(self) -> None:
-        """Bad flag values and a bad file are usage errors naming the problem."""
-        with self.assertRaises(UsageError) as caught:
+        """Bad flag values and a bad file are refused, each problem one line naming the flag or the file and key."""
+        with self.assertRaises(Refused) as caught:
             self.parse("--listen", "bogus:1")
         self.assertIn("--listen", str(caught.exception))
-        with self.assertRaises(UsageError) as caught:
-            self.parse("--node-id", "x")
-        self.assertIn("--node-id", str(caught.exception))
+        with self.assertRaises(Refused) as caught:
+            self.parse("--node-id", "x", "--max-message-size", "10")
+        self.assertEqual([p.split(":")[0] for p in caught.exception.problems], ["--node-id", "--max-message-size"])
         path = Path(self.mktemp() + ".toml")
         path.write_text("[limits]\nmax_watches = 0\n")
-        with self.assertRaises(UsageError) as caught:
+        with self.assertRaises(Refused) as caught:
             self.parse("--config", str(path))
         self.assertIn(f"{path}: limits.max_watches", str(caught.exception))
+        self.assertEqual(caught.exception.code, f"twistd meshd: {path}: limits.max_watches: expected an integer >= 1, got 0")
+        self.assertNotIsInstance(caught.exception, UsageError)
 
     def test_development_is_loopback_only(self) -> None:
         """Without a configuration file, a non-loopback listener is refused."""
-        with self.assertRaises(UsageError) as caught:
+        with self.assertRaises(Refused) as caught:
             self.parse("--listen", "tcp:8765")
         self.assertIn("loopback", str(caught.exception))
         self.parse("--listen", "tcp:8765:interface=::1".replace("::1", r"\:\:1"))
@@ -208,6 +210,7 @@ class OptionsTests(unittest.TestCase):
         path = Path(self.mktemp() + ".toml")
         path.write_text(FULL.replace('modules = ["json"]', 'modules = ["tests.extension_for_tests"]'))
         app = makeService(self.parse("--config", str(path)))
+        self.addCleanup(uninstall_process_hooks)
         self.assertIsInstance(app, Application)
         listeners = [s for s in app if isinstance(s, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)

@@ -9,9 +9,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from meshd.auth import DevelopmentAuthenticator, TokenAuthenticator
+from meshd.auth import DevelopmentAuthenticator, TokenAuthenticator, TokensOrJWT, looks_like_jwt
+from meshd.constants import CLOSE_TOKEN_EXPIRED
 from meshd.codec import Watchable
-from meshd.permissions import Policy, Rule
+from meshd.permissions import NO_GRANTS, Grants, Policy, Rule, escape_glob
 from meshd.registry import Registry
 from meshd._io import EndOfTurn, Outlet
 from meshd.session import Session
@@ -125,6 +126,33 @@ class PolicyTests(unittest.SynchronousTestCase):
         """The development policy allows everything."""
         self.assertTrue(Policy.development().allows("publish", "anything", False))
 
+    def test_principal_in_rules(self) -> None:
+        """#{sub} stands for the principal, matched literally; anonymous sessions match no such rule."""
+        policy = Policy((Rule("user.#{sub}.*", authenticated=frozenset({"subscribe"})),))
+        self.assertTrue(policy.allows("subscribe", "user.alice.inbox", True, "alice"))
+        self.assertFalse(policy.allows("subscribe", "user.bob.inbox", True, "alice"))
+        self.assertFalse(policy.allows("subscribe", "user.alice.inbox", False, None))
+        for principal in ("*", "a?c", "[ab]", "al*"):
+            self.assertFalse(policy.allows("subscribe", "user.alice.inbox", True, principal), principal)
+            self.assertTrue(policy.allows("subscribe", f"user.{principal}.inbox", True, principal), principal)
+        self.assertEqual(escape_glob("a*b?[c]"), "a[*]b[?][[]c]")
+
+    def test_grants_add_to_rules(self) -> None:
+        """A session's grants allow what they name, per action, on top of the rules."""
+        policy = Policy((Rule("public.*", anonymous=frozenset({"subscribe"})),))
+        grants = Grants.from_claim({"subscribe": ["team.*"], "watch": ["doc/7"]})
+        self.assertTrue(policy.allows("subscribe", "public.a", True, "bob", grants))
+        self.assertTrue(policy.allows("subscribe", "team.x", True, "bob", grants))
+        self.assertFalse(policy.allows("publish", "team.x", True, "bob", grants))
+        self.assertTrue(policy.allows("watch", "doc/7", True, "bob", grants))
+        self.assertFalse(policy.allows("subscribe", "team.x", True, "bob", NO_GRANTS))
+
+    def test_grants_claim_shape(self) -> None:
+        """Only an object of action lists of non-empty strings is a valid meshd claim."""
+        self.assertIs(Grants.from_claim(None), NO_GRANTS)
+        for bad in ([], "x", {"delete": ["a"]}, {"subscribe": "a"}, {"subscribe": [""]}, {"publish": [1]}):
+            self.assertRaises(ValueError, Grants.from_claim, bad)
+
 
 class AuthTests(unittest.SynchronousTestCase):
     def test_tokens(self) -> None:
@@ -137,3 +165,41 @@ class AuthTests(unittest.SynchronousTestCase):
         self.assertIsNone(auth.authenticate(""))
         self.assertIsNone(TokenAuthenticator({}).authenticate("x"))
         self.assertEqual(DevelopmentAuthenticator().authenticate("x"), "dev")
+
+    def test_jwt_form(self) -> None:
+        """A JWT is three dot-separated base64url parts whose first is a JSON header with alg."""
+        header = "eyJhbGciOiJIUzI1NiJ9"  # {"alg":"HS256"}
+        self.assertTrue(looks_like_jwt(f"{header}.e30.sig"))
+        for token in ("plain", "a.b.c", f"{header}.e30", f"{header}..sig", "e30.e30.sig", "!!.e30.x"):
+            self.assertFalse(looks_like_jwt(token), token)
+
+    def test_tokens_or_jwt(self) -> None:
+        """A token of the JWT form goes to the JWT check only; any other to the static table only."""
+        header = "eyJhbGciOiJIUzI1NiJ9"
+        jwt_like = f"{header}.e30.sig"
+        auth = TokensOrJWT(TokenAuthenticator({"alice": "a-secret", "bob": jwt_like}), TokenAuthenticator({"carol": jwt_like}))
+        self.assertEqual(auth.authenticate("a-secret"), "alice")
+        self.assertEqual(auth.authenticate(jwt_like), "carol")
+
+
+class ExpiryTimerTests(unittest.SynchronousTestCase):
+    def test_expiry_timer(self) -> None:
+        """The machine closes a welcomed session with 4005 at its expiry; refreshed moves it; lost stops it."""
+        clock = Clock()
+        ws = FakeWebSocket()
+        session = session_of(ws, clock)
+        session.lifecycle.welcome("alice", False, 10.0, Grants(subscribe=("a",)))
+        self.assertEqual((session.expires, session.grants.subscribe), (10.0, ("a",)))
+        clock.advance(5)
+        session.lifecycle.refreshed(20.0, NO_GRANTS)
+        self.assertEqual((session.expires, session.grants), (20.0, NO_GRANTS))
+        clock.advance(14.9)
+        self.assertIsNone(ws.closed_with)
+        clock.advance(0.1)
+        self.assertEqual((ws.closed_with, session.close_code), (CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_EXPIRED))
+        session.lifecycle.refreshed(99.0, NO_GRANTS)  # too late: changes nothing
+        self.assertIsNone(session.expires)
+        other = session_of(FakeWebSocket(), clock)
+        other.lifecycle.welcome("bob", False, clock.seconds() + 5)
+        other.lifecycle.lost()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -17,4 +17,5 @@ class Opcode(object):
     Ping = 11
     Pong = 12
     Batch = 13
+    Refresh = 14
     UserFirst = 1024
