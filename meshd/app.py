@@ -94,7 +94,10 @@ class Application(MultiService):
 
     def listen(self, endpoint: str) -> None:
         """Serve WebSocket clients on a server endpoint string (started with the app)."""
-        service = strports.service(endpoint, self.factory)
+        from meshd.tls import listener
+
+        description, factory = listener(endpoint, self.factory)  # ssl: with AEAD suites only
+        service = strports.service(description, factory)
         service.setName(f"websocket:{endpoint}")
         service.setServiceParent(self)
         self.log.info("WebSocket clients on {endpoint}", endpoint=endpoint)

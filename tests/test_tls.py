@@ -58,6 +58,43 @@ class SecureWebSocketTests(NodeTestCase):
             await c.close()
 
 
+class ClientTLSSuitesTests(NodeTestCase):
+    async def test_ssl_listener_offers_aead_suites_only(self) -> None:
+        """A node's ssl: listener refuses a TLS 1.2 client that offers only CBC suites, and serves an AEAD one."""
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        from meshd.tls import listener
+
+        certs = Path(self.mktemp()).resolve()
+        create_ca(certs, "web")
+        issue_node(certs, "web", ["127.0.0.1"])
+        app = await self.start_node()
+        description, factory = listener(
+            f"ssl:0:interface=127.0.0.1:privateKey={certs / 'web.key'}:certKey={certs / 'web.pem'}", app.factory)
+        self.assertTrue(description.startswith("tcp:0:"), description)
+        port = await serverFromString(reactor, description).listen(factory)
+        self.addCleanup(port.stopListening)
+
+        def handshake(ciphers: str):
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(certs / "ca.pem")
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(ciphers)
+            raw = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+            try:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    return tls.cipher()[0]
+            except (ssl.SSLError, ConnectionError, OSError) as e:
+                return e
+
+        refused = await deferToThread(handshake, "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA")
+        self.assertIsInstance(refused, Exception)
+        accepted = await deferToThread(handshake, "ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.assertEqual(accepted, "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+
 class MeshTLSRulesTests(MeshTestCase):
     async def connect_tls(self, node, context: ssl.SSLContext):
         """Handshake with the standard library's TLS (in a thread: the node runs on this reactor)."""

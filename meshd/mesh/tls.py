@@ -29,6 +29,7 @@ from twisted.internet.ssl import (
 )
 
 from meshd.mesh.certs import IdentityError, node_id_of
+from meshd.tls import AEAD_CIPHERS
 
 __all__ = ["Credentials", "CredentialsError", "IdentityError", "LINK_CIPHERS", "node_id_of", "peer_certificate"]
 
@@ -36,7 +37,7 @@ __all__ = ["Credentials", "CredentialsError", "IdentityError", "LINK_CIPHERS", "
 # meshd._io.LinkTLSFactory.
 
 #: The TLS 1.2 suites links accept (TLS 1.3 suites are not chosen by this string).
-LINK_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
+LINK_CIPHERS = AEAD_CIPHERS
 _CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(LINK_CIPHERS)
 
 
