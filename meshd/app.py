@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Optional
+import math
+from dataclasses import fields, replace
+from typing import Any, Callable, Optional
 from uuid import UUID, uuid4
 
 from twisted.application import strports
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from meshd import builtins
 from meshd._io import EndOfTurn, Outlet
 from meshd.auth import DevelopmentAuthenticator, IAuthenticator, JWTAuthenticator, TokenAuthenticator, TokensOrJWT
 from meshd.codec import ErrorCode, Opcode, ProtocolError, decode, encode
-from meshd.config import Config
-from meshd.constants import CLOSE_GOING_AWAY, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
+from meshd.config import Config, ConfigError, key_of, load
+from meshd.constants import CLOSE_DRAINING, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
 from meshd.delivery import LocalDelivery
 from meshd.handlers import Handlers, Request, lookup
 from meshd.limits import Limits
@@ -30,6 +33,15 @@ from meshd.registry import Registry
 from meshd.session import Session
 from meshd.state import NodeState
 from meshd.websocket import MeshServerFactory
+
+#: A drain closes at most this many batches of sessions a second.
+DRAIN_BATCHES_PER_SECOND = 10
+#: What :meth:`Application.reload` replaces; any other key that changed needs a restart.
+RELOADABLE = frozenset({"rules", "tokens", "jwt", "drain_seconds"})
+#: What may change in ``[mesh]`` on a reload: the certificate files (read again on every reload).
+RELOADABLE_MESH = frozenset({"ca", "cert", "key"})
+#: What may change in ``[api]`` on a reload: the keys.
+RELOADABLE_API = frozenset({"keys"})
 
 
 class Application(MultiService):
@@ -66,26 +78,39 @@ class Application(MultiService):
         self.mesh = self._make_mesh(config.mesh) if config.mesh is not None else None
         self.state = NodeState(self.node_id, self.registry, self.delivery, self.mesh, self.metrics)
         self.policy = Policy.development() if config.development else Policy(config.rules)
+        #: Whether the authenticator comes from the configuration (and a reload replaces it).
+        self._configured_authenticator = authenticator is None
         if authenticator is None:
-            if config.jwt is not None:
-                # A token in the JWT compact form is checked as a JWT, any other against [auth.tokens].
-                authenticator = TokensOrJWT(TokenAuthenticator(config.tokens), JWTAuthenticator(config.jwt, clock))
-            elif config.tokens or not config.development:
-                authenticator = TokenAuthenticator(config.tokens)
-            else:
-                authenticator = DevelopmentAuthenticator()
+            authenticator = self._authenticator_for(config)
         self.authenticator = authenticator
+        #: Where :meth:`reload` reads the configuration again: returns it and the problems start-up
+        #: would refuse it for (``twistd meshd`` sets the flags' own; by default, the file alone).
+        self.reconfigure: Callable[[], tuple[Config, list[str]]] = self._read_file
+        #: Called with the new configuration after each reload that was applied (see :meth:`on_reload`).
+        self._reload_hooks: list[Callable[[Config], None]] = []
         self.handlers = Handlers()
         builtins.install(self.handlers)
         #: What clients may cost the node: connections, requests, failed Hellos (see meshd.limits).
         self.limits = Limits.from_config(config, clock)
         self.factory = MeshServerFactory(self, config, clock)
         self._draining = False
+        #: Fires when the last session is gone during a drain.
+        self._drained: Optional[Deferred] = None
+        #: The stop under way.
+        self._stopping: Optional[Deferred] = None
 
     @property
     def draining(self) -> bool:
-        """Whether the node is draining: ``/readyz`` answers 503 meanwhile (nothing sets it yet)."""
+        """Whether the node is draining (stopping): ``/readyz`` answers 503 meanwhile."""
         return self._draining
+
+    def _authenticator_for(self, config: Config) -> IAuthenticator:
+        if config.jwt is not None:
+            # A token in the JWT compact form is checked as a JWT, any other against [auth.tokens].
+            return TokensOrJWT(TokenAuthenticator(config.tokens), JWTAuthenticator(config.jwt, self.clock))
+        if config.tokens or not config.development:
+            return TokenAuthenticator(config.tokens)
+        return DevelopmentAuthenticator()
 
     def get_state(self) -> NodeState:
         return self.state
@@ -110,6 +135,24 @@ class Application(MultiService):
         service.setName(f"metrics:{endpoint}")
         service.setServiceParent(self)
 
+    def serve_api(self, endpoint: str, keys: "dict[str, str]", max_body_size: int = 1 << 20) -> None:
+        """Serve the server HTTP API (docs/api.md) on a server endpoint string, for callers holding one of ``keys``."""
+        from meshd.api import ApiSite
+        from meshd.tls import listener
+
+        site = ApiSite(self, keys, max_body_size=max_body_size)
+        description, factory = listener(endpoint, site)  # ssl: as listen's
+
+        def reload_keys(config: Config) -> None:  # a reload replaces [api] keys; the rest of [api] needs a restart
+            if config.api is not None:
+                site.api.keys = TokenAuthenticator(config.api.keys)
+
+        self.on_reload(reload_keys)
+        service = strports.service(description, factory)
+        service.setName(f"api:{endpoint}")
+        service.setServiceParent(self)
+        self.log.info("Server HTTP API on {endpoint}", endpoint=endpoint)
+
     def _make_mesh(self, settings):
         """The service that links this node with the others of its cluster (``[mesh]``)."""
         from meshd.mesh.service import Mesh
@@ -117,7 +160,7 @@ class Application(MultiService):
 
         mesh = Mesh(
             settings,
-            Credentials.load(settings.ca, settings.cert, settings.key),
+            CurrentCredentials(Credentials.load(settings.ca, settings.cert, settings.key)),
             node_id=self.node_id,
             clock=self.clock,
             metrics=self.metrics,
@@ -138,6 +181,7 @@ class Application(MultiService):
         self.log.info("Loaded extension {module}", module=module_name)
 
     def startService(self) -> None:
+        self._draining = False
         if self.config.development:
             self.log.warn(
                 "meshd {node} in development mode (no configuration file): listening on "
@@ -151,11 +195,175 @@ class Application(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred:
+        """Drain, then stop; the Deferred fires when everything has stopped.
+
+        In this order: the node turns not ready (:attr:`draining`, ``/readyz``
+        503); the WebSocket listeners stop, so no new connection is accepted;
+        the sessions are closed with :data:`~meshd.constants.CLOSE_DRAINING`
+        in batches spread over ``node.drain_seconds`` (0: all at once), and
+        the drain ends when the last one is gone, or at the latest the close
+        handshake's timeout after the last batch (what is left is aborted);
+        then the other services stop, the mesh saying Goodbye to its peers,
+        and the metrics listener last of all.
+        """
+        if self._stopping is not None:  # a second stop while the first drains: wait for it
+            waiter: Deferred = Deferred()
+            self._stopping.addBoth(lambda result: (waiter.callback(None), result)[1])
+            return waiter
         self.log.info("meshd node {node} stopping", node=self.node_id)
-        for session in list(self.registry.sessions.values()):
-            session.lifecycle.close(CLOSE_GOING_AWAY, "node shutting down")
+        self._draining = True
+        Service.stopService(self)
+        listeners = [s for s in self if (s.name or "").startswith("websocket:")]
+        self._stopping = stopping = DeferredList([maybeDeferred(s.stopService) for s in listeners if s.running])
+        stopping.addCallback(lambda _: self._drain())
+        stopping.addCallback(lambda _: self._stop_children(listeners))
+
+        def stopped(result):
+            self._stopping = None
+            return result
+
+        return stopping.addBoth(stopped)
+
+    def _stop_children(self, stopped: list) -> Deferred:
+        """Stop the services not stopped yet, the last one added first (as MultiService does)."""
         self.limits.stop()
-        return super().stopService()
+        children = [s for s in reversed(list(self)) if s not in stopped]
+        metrics = [s for s in children if (s.name or "").startswith("metrics:")]
+        others = [s for s in children if s not in metrics]
+        d = DeferredList([maybeDeferred(s.stopService) for s in others])
+        d.addCallback(lambda _: DeferredList([maybeDeferred(s.stopService) for s in metrics]))
+        return d.addCallback(lambda _: None)
+
+    def _drain(self) -> Deferred:
+        """Close every session with CLOSE_DRAINING, in batches over ``drain_seconds``; fire when all are gone."""
+        sessions = list(self.registry.sessions.values())
+        if not sessions:
+            return succeed(None)
+        seconds = self.config.drain_seconds
+        count = max(1, min(len(sessions), math.ceil(seconds * DRAIN_BATCHES_PER_SECOND)))
+        size = math.ceil(len(sessions) / count)
+        batches = [sessions[i:i + size] for i in range(0, len(sessions), size)]
+        self.log.info(
+            "Draining {sessions} sessions in {batches} batches over {seconds} s",
+            sessions=len(sessions), batches=len(batches), seconds=seconds,
+        )
+        self._drained = drained = Deferred()
+        calls = [self.clock.callLater(i * seconds / len(batches), self._close_batch, batch)
+                 for i, batch in enumerate(batches) if i > 0]
+        # Autobahn drops a connection whose client does not answer the close within this.
+        timeout = getattr(self.factory, "closeHandshakeTimeout", 0) or 0
+        calls.append(self.clock.callLater(seconds + timeout, self._drain_overdue))
+
+        def done(_):
+            self._drained = None
+            for call in calls:
+                if call.active():
+                    call.cancel()
+
+        drained.addCallback(done)
+        self._close_batch(batches[0])
+        if not self.registry.sessions and self._drained is drained:
+            drained.callback(None)  # every session was gone already
+        return drained
+
+    def _close_batch(self, batch: list) -> None:
+        for session in batch:
+            session.lifecycle.close(CLOSE_DRAINING, "node draining: reconnect")
+
+    def _drain_overdue(self) -> None:
+        """The drain took its longest: abort what is left."""
+        left = list(self.registry.sessions.values())
+        self.log.warn("Drain over: aborting {count} sessions still open", count=len(left))
+        for session in left:
+            transport = getattr(session.protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    # -- reload -------------------------------------------------------------------
+
+    def on_reload(self, hook: Callable[[Config], None]) -> None:
+        """Call ``hook(config)`` after each reload that was applied, with the configuration now in force."""
+        self._reload_hooks.append(hook)
+
+    def _read_file(self) -> tuple[Config, list[str]]:
+        assert self.config.source is not None
+        return load(self.config.source), []
+
+    def reload(self) -> bool:
+        """Read the configuration file again and apply what may change while sessions stay (SIGHUP).
+
+        Replaced: the rules, the static tokens and ``[auth.jwt]`` (a new
+        authenticator: a key set is fetched again when a token next needs it),
+        ``node.drain_seconds``, ``[api] keys``, and the mesh certificates (read
+        again from ``mesh.ca``, ``cert`` and ``key``: new links use them, links
+        up stay).
+        Any other key that changed is logged as needing a restart and keeps
+        its value.  A file the node would refuse changes nothing, with one
+        log line naming the file and the key.  Returns whether it was applied.
+        """
+        if self.config.development:
+            self.log.warn("Reload: no configuration file (development mode); nothing to reload")
+            return False
+        try:
+            new, problems = self.reconfigure()
+        except ConfigError as e:
+            new, problems = None, [str(e)]
+        except Exception as e:  # an endpoint naming a file that cannot be read, for one
+            new, problems = None, [f"{self.config.source}: {e}"]
+        credentials = None
+        if not problems and new is not None and new.mesh is not None and self.mesh is not None:
+            credentials, problem = self._credentials_for(new)
+            if problem:
+                problems = [problem]
+        if problems or new is None:
+            self.log.error("Reload refused, the settings in force stay: {problems}", problems="; ".join(problems))
+            return False
+        old = self.config
+        restart = [key_of(f.name) for f in fields(Config)
+                   if f.name not in RELOADABLE and f.name not in ("mesh", "api", "source")
+                   and getattr(old, f.name) != getattr(new, f.name)]
+        mesh, changed = _section_after_reload(old.mesh, new.mesh, "mesh", RELOADABLE_MESH)
+        restart.extend(changed)
+        api, changed = _section_after_reload(old.api, new.api, "api", RELOADABLE_API)
+        restart.extend(changed)
+        self.config = replace(old, rules=new.rules, tokens=new.tokens, jwt=new.jwt,
+                              drain_seconds=new.drain_seconds, mesh=mesh, api=api)
+        self.policy = Policy(new.rules)
+        if self._configured_authenticator:
+            self.authenticator = self._authenticator_for(self.config)
+        if credentials is not None:
+            self.mesh.credentials.replace(credentials)
+        if restart:
+            self.log.warn("Reload: {keys} changed in {source}; that needs a restart (the old values stay)",
+                          keys=", ".join(restart), source=old.source)
+        self.log.info("Reloaded {source}: {rules} rules, {tokens} tokens{jwt}{mesh}", source=old.source,
+                      rules=len(new.rules), tokens=len(new.tokens), jwt=", [auth.jwt]" if new.jwt else "",
+                      mesh=", mesh certificates" if credentials is not None else "")
+        for hook in list(self._reload_hooks):
+            try:
+                hook(self.config)
+            except Exception:
+                self.log.failure("A reload hook failed")
+        return True
+
+    def _credentials_for(self, config: Config):
+        """The mesh credentials ``config`` names, and None; or None and why they cannot be used."""
+        from meshd.mesh.tls import Credentials, CredentialsError
+
+        mesh = config.mesh
+        assert mesh is not None and self.mesh is not None
+        try:
+            credentials = Credentials.load(mesh.ca, mesh.cert, mesh.key)
+            credentials.check_node(self.node_id, self.mesh.settings.require_node_id_in_cert)
+        except CredentialsError as e:
+            text = str(e)
+            key = "" if text.startswith("mesh.") else "mesh.ca, mesh.cert, mesh.key: "  # else it names its key
+            return None, f"{config.source}: {key}{text}"
+        return credentials, None
+
 
     # -- sessions -----------------------------------------------------------------
 
@@ -175,12 +383,17 @@ class Application(MultiService):
         )
         self.registry.add(session)
         self.metrics.sessions_opened += 1
+        if self._draining:  # its opening handshake was under way when the drain began
+            session.lifecycle.close(CLOSE_DRAINING, "node draining: reconnect")
         return session
 
     def close_session(self, session: Session) -> None:
         """A session's connection is gone."""
         session.lifecycle.lost()
         self.registry.remove(session)
+        if self._drained is not None and not self.registry.sessions:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
         if session.close_code == CLOSE_SLOW_CONSUMER:
             self.metrics.slow_consumer_closes += 1
         elif session.close_code == CLOSE_HELLO_TIMEOUT:
@@ -260,3 +473,72 @@ class Application(MultiService):
                 message=error.message,
             )
         )
+
+
+def _section_after_reload(old, new, name: str, reloadable: frozenset):
+    """A section (``[mesh]``, ``[api]``) in force after a reload, and its keys that changed but need a restart."""
+    if old is None or new is None:
+        return old, [name] if old != new else []
+    changed = [f"{name}.{f.name}" for f in fields(type(old))
+               if f.name not in reloadable and getattr(old, f.name) != getattr(new, f.name)]
+    return replace(old, **{key: getattr(new, key) for key in reloadable}), changed
+
+
+class CurrentCredentials:
+    """The mesh credentials in force, replaced by a reload: links made afterwards use the new ones.
+
+    The mesh builds its listener's TLS factory once and each dialer's
+    endpoint once; the connection creators these return read the current
+    credentials for each new connection, so links already up keep theirs.
+    """
+
+    def __init__(self, credentials) -> None:
+        self.current = credentials
+        self._server = None
+        self._clients: dict = {}
+
+    def replace(self, credentials) -> None:
+        self.current = credentials
+        self._server = None
+        self._clients.clear()
+
+    def __getattr__(self, name: str):  # ca, own, node_id, check_node
+        return getattr(self.current, name)
+
+    def server_options(self) -> "_ServerCreator":
+        return _ServerCreator(self)
+
+    def client_options(self, hostname: str) -> "_ClientCreator":
+        return _ClientCreator(self, hostname)
+
+    def server_context(self):
+        if self._server is None:
+            self._server = self.current.server_options()
+        return self._server.getContext()
+
+    def client_creator(self, hostname: str):
+        creator = self._clients.get(hostname)
+        if creator is None:
+            creator = self._clients[hostname] = self.current.client_options(hostname)
+        return creator
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerCreator:
+    def __init__(self, credentials: CurrentCredentials) -> None:
+        self._credentials = credentials
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        from OpenSSL.SSL import Connection
+
+        return Connection(self._credentials.server_context(), None)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ClientCreator:
+    def __init__(self, credentials: CurrentCredentials, hostname: str) -> None:
+        self._credentials = credentials
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        return self._credentials.client_creator(self._hostname).clientConnectionForTLS(tlsProtocol)

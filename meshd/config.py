@@ -95,6 +95,21 @@ class JWTSettings:
     jwks_cache_seconds: float = 3600.0
 
 
+#: The largest request body the server HTTP API reads (``[api] max_body_size`` default), in bytes.
+DEFAULT_API_MAX_BODY = 1 << 20
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The ``[api]`` section: the server HTTP API (docs/api.md) and the keys that may call it."""
+
+    listen: str
+    #: name -> key, plain or ``sha256:<hex digest>``; at least one (an API without keys is refused).
+    keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: A longer request body is answered 413 without being kept.
+    max_body_size: int = DEFAULT_API_MAX_BODY
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` to (host, port); raise ValueError otherwise."""
     host, sep, port = address.rpartition(":")
@@ -109,6 +124,8 @@ class Config:
     # [node]
     node_id: Optional[UUID] = None
     node_name: str = ""
+    #: How long a stop spreads the closing of sessions over, in seconds (0: all at once).
+    drain_seconds: float = 10.0
     # [websocket]
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     max_message_size: int = 65536
@@ -149,6 +166,8 @@ class Config:
     metrics_listen: Optional[str] = None
     # [mesh]
     mesh: Optional[MeshSettings] = None
+    # [api]
+    api: Optional[ApiSettings] = None
 
     @property
     def development(self) -> bool:
@@ -258,7 +277,7 @@ def _tokens(v: Any) -> dict[str, str]:
 
 # (section, key) -> (Config attribute, checker)
 _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
-    "node": {"id": ("node_id", _uuid), "name": ("node_name", _text)},
+    "node": {"id": ("node_id", _uuid), "name": ("node_name", _text), "drain_seconds": ("drain_seconds", _seconds)},
     "websocket": {
         "listen": ("listen", _endpoints),
         "max_message_size": ("max_message_size", _int(256)),
@@ -294,6 +313,15 @@ _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
 _RULE_KEYS = ("match", "anonymous", "authenticated")
 
 
+def key_of(attribute: str) -> str:
+    """The file key (``section.key``) of a :class:`Config` attribute, for messages; the attribute if none."""
+    for section, keys in _KEYS.items():
+        for key, (name, _) in keys.items():
+            if name == attribute:
+                return f"{section}.{key}"
+    return {"jwt": "auth.jwt", "rules": "rules", "mesh": "mesh", "api": "api"}.get(attribute, attribute)
+
+
 def load(path: "str | Path") -> Config:
     """Read and check a TOML configuration file."""
     path = Path(path)
@@ -315,9 +343,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         if section == "mesh":
             values["mesh"] = _mesh(body, path)
             continue
+        if section == "api":
+            values["api"] = _api(body, path)
+            continue
         keys = _KEYS.get(section)
         if keys is None:
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules', 'mesh'])})")
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules', 'mesh', 'api'])})")
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {section}: expected a table")
         if section == "auth" and "jwt" in body:
@@ -501,6 +532,31 @@ def _mesh(body: Any, path: Path) -> MeshSettings:
     if settings.heartbeat_timeout <= settings.heartbeat_interval:
         raise ConfigError(f"{path}: mesh.heartbeat_timeout must be longer than mesh.heartbeat_interval")
     return settings
+
+
+def _api(body: Any, path: Path) -> ApiSettings:
+    """The ``[api]`` table; errors name the file and the key (``api.KEY``).
+
+    ``keys`` is required, whatever ``listen`` is: the API can publish to any
+    channel and disconnect any session, so it never answers without a key.
+    """
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: api: expected a table")
+    checks: dict[str, Callable[[Any], Any]] = {"listen": _endpoint, "keys": _tokens, "max_body_size": _int(1024)}
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        check = checks.get(key)
+        if check is None:
+            raise ConfigError(f"{path}: unknown key api.{key} (known: {', '.join(checks)})")
+        try:
+            values[key] = check(value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: api.{key}: {str(e).replace('token of', 'key of')}") from None
+    if "listen" not in values:
+        raise ConfigError(f"{path}: api.listen is required in an [api] section")
+    if not values.get("keys"):
+        raise ConfigError(f"{path}: api.keys is required: a table of name = key (plain or sha256:<hex>)")
+    return ApiSettings(**values)
 
 
 def _advertised(listen: str) -> Optional[str]:

@@ -8,7 +8,7 @@ Both :mod:`meshd.websocket` (the node) and :mod:`meshd.client` import these;
 #: The WebSocket subprotocol clients must offer.
 SUBPROTOCOL = "meshd.v1"
 
-#: The node is shutting down.
+#: The node is shutting down (a drain sends :data:`CLOSE_DRAINING` instead).
 CLOSE_GOING_AWAY = 1000
 #: A WebSocket protocol violation, the client's close frame included (bad code, reason not UTF-8, 1-byte body).
 CLOSE_PROTOCOL_ERROR = 1002
@@ -29,3 +29,7 @@ CLOSE_HELLO_FAILURES = 4003
 CLOSE_RATE_LIMITED = 4004
 #: The session's token (a JWT's ``exp``, plus ``auth.jwt.leeway``) expired before a Refresh replaced it.
 CLOSE_TOKEN_EXPIRED = 4005
+#: The server HTTP API's ``POST /api/disconnect`` closed the session (docs/api.md).
+CLOSE_DISCONNECTED = 4006
+#: The node is draining before it stops (SIGTERM): reconnect, to another node if there is one.
+CLOSE_DRAINING = 4007

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -61,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--url", default=DEFAULT_URL, help=f"node WebSocket URL (default {DEFAULT_URL})")
     common.add_argument("--token", help="authenticate with this token")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the node")
+    common.add_argument("--ca", type=Path, metavar="FILE",
+                        help="for wss:// URLs: trust only the CA certificates in FILE (PEM), such as a private CA's, "
+                             "instead of the system's")
 
     top = argparse.ArgumentParser(prog="meshctl", description="Talk to a meshd node.")
     top.add_argument("--version", action="version", version=_version(), help="print meshd's version and exit")
@@ -153,9 +157,39 @@ async def _print_events(client: MeshClient, stream: EventStream, count: Optional
     return 3
 
 
+def tls_options(url: str, ca: Optional[Path]):
+    """The TLS options to reach ``url`` with: None (the system's trust roots) without ``ca``,
+    else a check against the CA certificates in the PEM file ``ca``.  Raises ``ValueError``."""
+    if ca is None:
+        return None
+    from autobahn.websocket.util import parse_url
+    from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+
+    secure, host = parse_url(url)[:2]
+    if not secure:
+        raise ValueError(f"--ca is for wss:// URLs, not {url}")
+    try:
+        pem = ca.read_bytes()
+    except OSError as e:
+        raise ValueError(f"--ca: cannot read {ca}: {e.strerror}") from None
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise ValueError(f"--ca: {ca}: not a PEM certificate: {e}") from None
+    if not certificates:
+        raise ValueError(f"--ca: {ca} holds no PEM certificate")
+    return optionsForClientTLS(host, trustRoot=trustRootFromCertificates(certificates))
+
+
 async def run(reactor, args: argparse.Namespace) -> int:
     try:
-        client = await connect(args.url, args.token, reactor=reactor, timeout=args.timeout)
+        tls = tls_options(args.url, args.ca)
+    except ValueError as e:
+        status(str(e))
+        return 2
+    try:
+        client = await connect(args.url, args.token, reactor=reactor, timeout=args.timeout, tls_options=tls)
     except MeshError as e:
         status(f"the node refused the session: {e}")
         return 1

@@ -15,12 +15,15 @@ from __future__ import annotations
 import datetime
 import importlib
 import re
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 from uuid import UUID
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -68,6 +71,8 @@ class Options(usage.Options):
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint."],
         ["mesh-listen", None, None, "Mesh listener endpoint (overrides [mesh] listen)."],
         ["advertise", None, None, "HOST:PORT other nodes dial (overrides [mesh] advertise)."],
+        ["log-format", None, "text", "How twistd writes log events: text (Twisted's lines) or json (one object a line)."],
+        ["log-level", None, "info", "Lowest level of log events written: debug, info, warn, error or critical."],
     ]
 
     def __init__(self) -> None:
@@ -95,6 +100,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         config, problems = self.configure()
+        problems = self._log_problems() + problems
         if self["check-config"]:
             for problem in problems:
                 print(problem, file=sys.stderr)
@@ -105,6 +111,22 @@ class Options(usage.Options):
         if problems:
             raise Refused(problems)
         self["config_object"] = config
+        if self.parent is not None:  # run by twistd: choose the observer it logs with
+            from meshd.logs import choose_twistd_observer
+
+            problem = choose_twistd_observer(self.parent, self["log-format"], self["log-level"])
+            if problem:
+                raise Refused([problem])
+
+    def _log_problems(self) -> list[str]:
+        from meshd.logs import FORMATS, LEVELS
+
+        problems = []
+        if self["log-format"] not in FORMATS:
+            problems.append(f"--log-format: must be one of {', '.join(FORMATS)}, got {self['log-format']!r}")
+        if self["log-level"] not in LEVELS:
+            problems.append(f"--log-level: must be one of {', '.join(LEVELS)}, got {self['log-level']!r}")
+        return problems
 
     def configure(self) -> tuple[Config, list[str]]:
         """The configuration these options give, and every problem start-up would refuse it for."""
@@ -201,6 +223,8 @@ def check(config: Config, flag_modules: tuple[str, ...] = ()) -> list[str]:
         listeners.append(("metrics.listen", config.metrics_listen))
     if config.mesh is not None:
         listeners.append(("mesh.listen", config.mesh.listen))
+    if config.api is not None:
+        listeners.append(("api.listen", config.api.listen))
     for key, endpoint in listeners:
         problems.extend(f"{where}{key}: {p}" for p in _endpoint_problems(endpoint))
     for module in config.modules:
@@ -232,7 +256,7 @@ def _problems_per_key(path: Path, first: str) -> list[str]:
         return [first]
     problems: list[str] = []
     for section, body in data.items():
-        if isinstance(body, dict) and section != "mesh":
+        if isinstance(body, dict) and section not in ("mesh", "api"):
             parts = [(f"{section}.{key}", {section: {key: value}}) for key, value in body.items()]
         else:
             parts = [(section, {section: body})]
@@ -381,8 +405,44 @@ def makeService(options: Options) -> "Application":
         app.listen(endpoint)
     if config.metrics_listen:
         app.serve_metrics(config.metrics_listen)
+    if config.api is not None:
+        app.serve_api(config.api.listen, dict(config.api.keys), config.api.max_body_size)
+    if config.source is not None:
+        # A reload reads the file again with the same flags, and checks it as start-up would.
+        app.reconfigure = options.configure
+        ReloadOnHangup(app).setServiceParent(app)
     _catch_startup_failures(config)
     return app
+
+
+class ReloadOnHangup(Service):
+    """While the node runs, SIGHUP reloads its configuration (:meth:`Application.reload`).
+
+    Only :func:`makeService` adds it: a node built in a test or an embedding
+    program takes over no signal.  The handler runs the reload in the reactor
+    thread, and the handler that was there before is put back at stop.
+    """
+
+    name = "reload-on-sighup"
+
+    def __init__(self, app: "Application") -> None:
+        self.app = app
+        self._previous: object = None
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        from twisted.internet import reactor
+
+        previous = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.app.reload))
+        self._previous = signal.SIG_DFL if previous is None else previous
+
+    def stopService(self):
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+        return super().stopService()
 
 
 #: What :func:`makeService` installed in the process (for :func:`uninstall_process_hooks`).
@@ -431,6 +491,8 @@ def startup_problem(config: Config, error) -> str:
         listeners.append(("metrics.listen", config.metrics_listen))
     if config.mesh is not None:
         listeners.append(("mesh.listen", config.mesh.listen))
+    if config.api is not None:
+        listeners.append(("api.listen", config.api.listen))
     cause = error.socketError
     cause = getattr(cause, "strerror", None) or str(cause)
     where = f"{error.interface}:{error.port}" if error.interface else str(error.port)

@@ -363,11 +363,11 @@ class CleanupTests(NodeTestCase):
         self.assertEqual((registry.sessions, registry.channels, registry.watchers, registry.members), ({}, {}, {}, set()))
 
     async def test_shutdown_closes_sessions(self) -> None:
-        """Stopping the node closes every session with 1000, after the events it was already sent."""
+        """Stopping the node closes every session with 4007 (a drain), after the events it was already sent."""
         app = await self.start_node()
         c = await self.client()
         app.state.broadcast_event(EventType.NodeEvent, None, None, b"last words")
         await app.stopService()  # in the same reactor turn as the event
         closed = await c.when_closed()
-        self.assertEqual(closed.code, 1000)
+        self.assertEqual(closed.code, 4007)  # CLOSE_DRAINING
         self.assertEqual(payloads(c.received), [b"last words"])

@@ -109,7 +109,7 @@ class PubSubTests(ProcessTestCase):
         self.assertEqual(node.proc.wait(20), -signal.SIGTERM)
         code, events = sub.finish()
         self.assertEqual((code, events), (3, []))
-        self.assertIn("code 1000", sub.err)
+        self.assertIn("code 4007", sub.err)  # CLOSE_DRAINING: reconnect elsewhere
         self.assertIn("Server Shut Down", node.output())
 
 
@@ -176,3 +176,41 @@ class ExampleExtensionTests(ProcessTestCase):
         missing = meshctl("call", "1025", "--watchable", "document", "7", "--url", node.url)
         self.assertEqual(missing.returncode, 1)
         self.assertIn("InvalidArgument: no document document/7", missing.stderr)
+
+
+class PrivateCATests(ProcessTestCase):
+    def test_meshctl_ca(self) -> None:
+        """meshctl --ca FILE reaches a wss:// node whose certificate a private CA signed, and only with that CA."""
+        import re
+
+        from meshd.mesh.certs import create_ca, issue_node
+
+        certs = Path(self.mktemp()).resolve()
+        create_ca(certs, "web")
+        issue_node(certs, "web", ["127.0.0.1"])
+        other = Path(self.mktemp()).resolve()
+        create_ca(other, "other")
+        node = self.node("--listen", f"ssl:0:interface=127.0.0.1:privateKey={certs / 'web.key'}:certKey={certs / 'web.pem'}")
+        deadline = time.monotonic() + 20
+        while not (found := re.search(r"MeshServerFactory \(TLS\) starting on (\d+)", node.output())):
+            self.assertLess(time.monotonic(), deadline, node.output())
+            time.sleep(0.05)
+        url = f"wss://127.0.0.1:{found.group(1)}"
+        sub = self.background("sub", "secure", "--count", "1", "--url", url, "--ca", str(certs / "ca.pem"))
+        sub.wait_status("subscribed to secure")
+        ok = meshctl("pub", "secure", "over tls", "--url", url, "--ca", str(certs / "ca.pem"))
+        self.assertEqual(ok.returncode, 0, ok.stderr)
+        code, events = sub.finish()
+        self.assertEqual((code, [e["data"] for e in events]), (0, ["over tls"]))
+        for refused in (meshctl("pub", "secure", "x", "--url", url),
+                        meshctl("pub", "secure", "x", "--url", url, "--ca", str(other / "ca.pem"))):
+            self.assertEqual(refused.returncode, 3, refused.stderr)
+            self.assertIn(f"cannot reach {url}", refused.stderr)
+        for args, message in (
+            (["--url", node.url, "--ca", str(certs / "ca.pem")], "--ca is for wss:// URLs"),
+            (["--url", url, "--ca", str(certs / "missing.pem")], "--ca: cannot read"),
+            (["--url", url, "--ca", str(certs / "web.key")], "holds no PEM certificate"),
+        ):
+            bad = meshctl("pub", "secure", "x", *args)
+            self.assertEqual(bad.returncode, 2, bad.stderr)
+            self.assertIn(message, bad.stderr)

@@ -209,6 +209,21 @@ class Link(Protocol):
         who = self.remote.node if self.remote else self.address or "?"
         return f"<Link {'to' if self.dialed else 'from'} {who} {self._state}>"
 
+    def log_fields(self) -> dict[str, str]:
+        """Fields naming the other end in log events: ``address`` (``HOST:PORT``: dialed, or the
+        connection's source), ``node`` (its id, or ``""`` before its LinkHello) and ``peer``, both in
+        words (``node ID at HOST:PORT``)."""
+        address = self.address
+        if not address:
+            try:
+                where = self.transport.getPeer()
+                address = f"{where.host}:{where.port}"
+            except Exception:
+                address = "?"
+        node = str(self.remote.node) if self.remote is not None else ""
+        peer = f"node {node} at {address}" if node else f"{address} (node not known yet)"
+        return {"peer": peer, "address": address, "node": node}
+
     # -- what the machine says ------------------------------------------------------
 
     @property
@@ -516,7 +531,8 @@ def _peer_closes(inputs: _Inputs, link: Link, message: Goodbye) -> None:
 
 @_on(_Inputs.violation, [*_handshaking, _open], _closing)
 def _violated(inputs: _Inputs, link: Link, reason: str) -> None:
-    link.log.warn("Closing {link}: protocol violation: {reason}", link=link, reason=reason)
+    link.log.warn("Closing the mesh link with {peer}: protocol violation: {reason}", reason=reason,
+                  **link.log_fields())
     link.mesh.note_refusal(link, reason)
     link._say(GoodbyeCode.ProtocolViolation, reason)
     link._close()
@@ -531,7 +547,8 @@ def _say_goodbye(inputs: _Inputs, link: Link, code: int, reason: str) -> None:
 @_on(_Inputs.silent, [*_handshaking, _open], _closing)
 def _timed_out(inputs: _Inputs, link: Link) -> None:
     silence = link.clock.seconds() - link._last_received
-    link.log.warn("{link}: nothing heard for {seconds:.1f}s; closing", link=link, seconds=silence)
+    link.log.warn("Mesh link with {peer}: nothing heard for {seconds:.1f}s; closing", seconds=silence,
+                  **link.log_fields())
     link._say(GoodbyeCode.HeartbeatTimeout, "heartbeat timeout")
     link._close()
     link.transport.abortConnection()
@@ -540,7 +557,8 @@ def _timed_out(inputs: _Inputs, link: Link) -> None:
 @_on(_Inputs.late, _handshaking, _closing)
 def _no_hello(inputs: _Inputs, link: Link) -> None:
     seconds = link.mesh.settings.hello_timeout
-    link.log.warn("{link}: no LinkHello within {seconds}s of connecting; closing", link=link, seconds=seconds)
+    link.log.warn("Mesh link with {peer}: no LinkHello within {seconds}s of connecting; closing", seconds=seconds,
+                  **link.log_fields())
     link._say(GoodbyeCode.HeartbeatTimeout, f"no LinkHello within {seconds}s")
     link._close()
     link.transport.abortConnection()
@@ -548,7 +566,7 @@ def _no_hello(inputs: _Inputs, link: Link) -> None:
 
 @_on(_Inputs.overflowed, [*_handshaking, _open], _closing)
 def _peer_does_not_read(inputs: _Inputs, link: Link) -> None:
-    link.log.warn("{link}: the peer does not read; closing", link=link)
+    link.log.warn("Mesh link with {peer}: the peer does not read; closing", **link.log_fields())
     link._abort()  # no Goodbye: it would not be read either
 
 

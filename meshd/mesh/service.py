@@ -340,23 +340,21 @@ class Mesh(MultiService):
     def refused_by_peer(self, link: Link, goodbye) -> None:
         """The other side refused a link in its handshake, with a Goodbye."""
         self.metrics.mesh_refusals += 1
-        self.log.warn("{peer} refused the link ({code}): {reason}", peer=link.address or _peer_of(link),
-                      code=goodbye.code, reason=goodbye.reason)
+        self.log.warn("{peer} refused the link ({code}): {reason}", code=goodbye.code, reason=goodbye.reason,
+                      **link.log_fields())
         if goodbye.code == GoodbyeCode.Self:
             self.park(link.address)
 
     def note_refusal(self, link: Link, reason: str) -> None:
         self.metrics.mesh_refusals += 1
-        self.log.warn("Refused mesh link {link} from {peer}: {reason}", link=link,
-                      peer=_peer_of(link), reason=reason)
+        self.log.warn("Refused the mesh link with {peer}: {reason}", reason=reason, **link.log_fields())
 
     def link_refused(self, link: Link, reason: Failure) -> None:
         """A connection closed before its handshake completed (TLS failure, wrong peer...)."""
         self.metrics.mesh_refusals += 1
         self.log.warn(
             "Mesh connection {direction} {peer} closed before linking: {reason}",
-            direction="to" if link.dialed else "from", peer=link.address or _peer_of(link),
-            reason=_describe(reason),
+            direction="to" if link.dialed else "from", reason=_describe(reason), **link.log_fields(),
         )
 
     def link_opened(self, link: Link, hello: LinkHello) -> bool:
@@ -468,9 +466,11 @@ class Mesh(MultiService):
         if farewell is not None and farewell.code == GoodbyeCode.Shutdown:
             self.log.info("Node {node} is shutting down", node=peer.node)
         elif farewell is not None:
-            self.log.warn("Node {node} closed the link: {reason}", node=peer.node, reason=farewell.reason)
+            self.log.warn("Node {node} at {address} closed the link: {reason}", node=peer.node,
+                          address=peer.address, reason=farewell.reason)
         else:
-            self.log.warn("Lost the link with {node}: {reason}", node=peer.node, reason=_describe(reason))
+            self.log.warn("Lost the link with node {node} at {address}: {reason}", node=peer.node,
+                          address=peer.address, reason=_describe(reason))
         if peer.address and self.running:
             self.dial(peer.address)
 
@@ -787,14 +787,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _peer_of(link: Link) -> str:
-    try:
-        peer = link.transport.getPeer()
-        return f"{peer.host}:{peer.port}"
-    except Exception:
-        return "?"
 
 
 def _describe(reason: Optional[Failure]) -> str:
