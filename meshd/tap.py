@@ -213,11 +213,8 @@ def check_file(path: "str | Path") -> list[str]:
     return check(config)
 
 
-def check(config: Config, flag_modules: tuple[str, ...] = ()) -> list[str]:
-    """What start-up checks beyond the values themselves: listeners, extension modules,
-    the mesh certificates and the node id they name.  ``flag_modules`` came from ``--module``."""
-    where = f"{config.source}: " if config.source is not None else ""
-    problems = []
+def _listeners(config: Config) -> "list[tuple[str, str]]":
+    """Every endpoint the node listens on, with the configuration key that names it."""
     listeners = [("websocket.listen", e) for e in config.listen]
     if config.metrics_listen:
         listeners.append(("metrics.listen", config.metrics_listen))
@@ -225,6 +222,15 @@ def check(config: Config, flag_modules: tuple[str, ...] = ()) -> list[str]:
         listeners.append(("mesh.listen", config.mesh.listen))
     if config.api is not None:
         listeners.append(("api.listen", config.api.listen))
+    return listeners
+
+
+def check(config: Config, flag_modules: tuple[str, ...] = ()) -> list[str]:
+    """What start-up checks beyond the values themselves: listeners, extension modules,
+    the mesh certificates and the node id they name.  ``flag_modules`` came from ``--module``."""
+    where = f"{config.source}: " if config.source is not None else ""
+    problems = []
+    listeners = _listeners(config)
     for key, endpoint in listeners:
         problems.extend(f"{where}{key}: {p}" for p in _endpoint_problems(endpoint))
     for module in config.modules:
@@ -486,13 +492,7 @@ def _catch_startup_failures(config: Config) -> None:
 
 def startup_problem(config: Config, error) -> str:
     """``error`` (a ``CannotListenError``) as one line naming the listener's key and the cause."""
-    listeners = [("websocket.listen", e) for e in config.listen]
-    if config.metrics_listen:
-        listeners.append(("metrics.listen", config.metrics_listen))
-    if config.mesh is not None:
-        listeners.append(("mesh.listen", config.mesh.listen))
-    if config.api is not None:
-        listeners.append(("api.listen", config.api.listen))
+    listeners = _listeners(config)
     cause = error.socketError
     cause = getattr(cause, "strerror", None) or str(cause)
     where = f"{error.interface}:{error.port}" if error.interface else str(error.port)
