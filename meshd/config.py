@@ -416,19 +416,25 @@ _JWT_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _jwt(body: Any, path: Path) -> JWTSettings:
-    """The ``[auth.jwt]`` table; errors name the file and the key (``auth.jwt.KEY``)."""
+def _table(body: Any, path: Path, name: str, checks: "Mapping[str, Callable[[Any], Any]]") -> dict[str, Any]:
+    """The values of the table ``name``, each converted by its check; errors name the file and the key."""
     if not isinstance(body, dict):
-        raise ConfigError(f"{path}: auth.jwt: expected a table")
+        raise ConfigError(f"{path}: {name}: expected a table")
     values: dict[str, Any] = {}
     for key, value in body.items():
-        check = _JWT_KEYS.get(key)
+        check = checks.get(key)
         if check is None:
-            raise ConfigError(f"{path}: unknown key auth.jwt.{key} (known: {', '.join(_JWT_KEYS)})")
+            raise ConfigError(f"{path}: unknown key {name}.{key} (known: {', '.join(checks)})")
         try:
             values[key] = check(value)
         except ValueError as e:
-            raise ConfigError(f"{path}: auth.jwt.{key}: {e}") from None
+            raise ConfigError(f"{path}: {name}.{key}: {e}") from None
+    return values
+
+
+def _jwt(body: Any, path: Path) -> JWTSettings:
+    """The ``[auth.jwt]`` table; errors name the file and the key (``auth.jwt.KEY``)."""
+    values = _table(body, path, "auth.jwt", _JWT_KEYS)
     sources = [k for k in ("secret", "public_key", "jwks_url") if k in values]
     if len(sources) != 1:
         raise ConfigError(f"{path}: auth.jwt: set exactly one of secret, public_key and jwks_url")
@@ -504,17 +510,7 @@ _MESH_KEYS: dict[str, Callable[[Any], Any]] = {
 
 
 def _mesh(body: Any, path: Path) -> MeshSettings:
-    if not isinstance(body, dict):
-        raise ConfigError(f"{path}: mesh: expected a table")
-    values: dict[str, Any] = {}
-    for key, value in body.items():
-        check = _MESH_KEYS.get(key)
-        if check is None:
-            raise ConfigError(f"{path}: unknown key mesh.{key} (known: {', '.join(_MESH_KEYS)})")
-        try:
-            values[key] = check(value)
-        except ValueError as e:
-            raise ConfigError(f"{path}: mesh.{key}: {e}") from None
+    values = _table(body, path, "mesh", _MESH_KEYS)
     for key in ("cluster", "listen", "ca", "cert", "key"):
         if key not in values:
             raise ConfigError(f"{path}: mesh.{key} is required in a [mesh] section")
@@ -534,24 +530,20 @@ def _mesh(body: Any, path: Path) -> MeshSettings:
     return settings
 
 
+def _api_keys(v: Any) -> Mapping[str, str]:
+    try:
+        return _tokens(v)
+    except ValueError as e:
+        raise ValueError(str(e).replace("token of", "key of")) from None
+
+
 def _api(body: Any, path: Path) -> ApiSettings:
     """The ``[api]`` table; errors name the file and the key (``api.KEY``).
 
     ``keys`` is required, whatever ``listen`` is: the API can publish to any
     channel and disconnect any session, so it never answers without a key.
     """
-    if not isinstance(body, dict):
-        raise ConfigError(f"{path}: api: expected a table")
-    checks: dict[str, Callable[[Any], Any]] = {"listen": _endpoint, "keys": _tokens, "max_body_size": _int(1024)}
-    values: dict[str, Any] = {}
-    for key, value in body.items():
-        check = checks.get(key)
-        if check is None:
-            raise ConfigError(f"{path}: unknown key api.{key} (known: {', '.join(checks)})")
-        try:
-            values[key] = check(value)
-        except ValueError as e:
-            raise ConfigError(f"{path}: api.{key}: {str(e).replace('token of', 'key of')}") from None
+    values = _table(body, path, "api", {"listen": _endpoint, "keys": _api_keys, "max_body_size": _int(1024)})
     if "listen" not in values:
         raise ConfigError(f"{path}: api.listen is required in an [api] section")
     if not values.get("keys"):
