@@ -405,62 +405,71 @@ class Api:
         return {"disconnected": len(closed), "sessions": closed}
 
     def info(self) -> dict:
-        from meshd import __version__
-
-        app, registry = self.app, self.app.registry
-        answer: dict = {
-            "node": {
-                "id": str(app.node_id),
-                "name": app.config.node_name,
-                "version": __version__,
-                "uptime": max(0.0, app.clock.seconds() - self.started),
-            },
-            "sessions": len(registry.sessions),
-            "members": len(registry.members),
-            "channels": len(registry.channels),
-            "mesh": None,
-        }
-        mesh = app.mesh
-        if mesh is not None:
-            answer["mesh"] = {
-                "cluster": mesh.settings.cluster,
-                "advertise": mesh.advertise,
-                "peers": [
-                    {
-                        "id": str(peer.node),
-                        "address": peer.address,
-                        "link": peer.link.state if peer.link is not None else None,
-                        "linked_once": peer.linked,
-                    }
-                    for peer in sorted(mesh.peers.values(), key=lambda p: str(p.node))
-                ],
-                "links": sorted(
-                    ({"peer": str(link.remote.node) if link.remote is not None else None,
-                      "dialed": link.dialed, "state": link.state} for link in mesh.links),
-                    key=lambda link: (link["peer"] or "", link["state"]),
-                ),
-            }
-        return answer
+        return node_info(self.app, self.started)
 
     def channels(self) -> dict:
-        node = str(self.app.node_id)
-        local = {name: len(members) for name, members in self.app.registry.channels.items()}
-        interested: dict[str, list[str]] = {}
-        mesh = self.app.mesh
-        if mesh is not None:
-            for peer in mesh.peers.values():
-                for name in peer.interests:
-                    interested.setdefault(name, []).append(str(peer.node))
-        rows = []
-        for name in sorted(set(local) | set(interested)):
-            peers = sorted(interested.get(name, ()))
-            rows.append({
-                "channel": name,
-                "subscribers": local.get(name, 0),
-                "peers": peers,
-                "cluster": sorted(([node] if name in local else []) + peers),
-            })
-        return {"node": node, "channels": rows}
+        return channel_counts(self.app)
+
+
+def node_info(app: "Application", started: float) -> dict:
+    """This node, its peers and links, and its counts (``GET /api/info``)."""
+    from meshd import __version__
+
+    registry = app.registry
+    answer: dict = {
+        "node": {
+            "id": str(app.node_id),
+            "name": app.config.node_name,
+            "version": __version__,
+            "uptime": max(0.0, app.clock.seconds() - started),
+        },
+        "sessions": len(registry.sessions),
+        "members": len(registry.members),
+        "channels": len(registry.channels),
+        "mesh": None,
+    }
+    mesh = app.mesh
+    if mesh is not None:
+        answer["mesh"] = {
+            "cluster": mesh.settings.cluster,
+            "advertise": mesh.advertise,
+            "peers": [
+                {
+                    "id": str(peer.node),
+                    "address": peer.address,
+                    "link": peer.link.state if peer.link is not None else None,
+                    "linked_once": peer.linked,
+                }
+                for peer in sorted(mesh.peers.values(), key=lambda p: str(p.node))
+            ],
+            "links": sorted(
+                ({"peer": str(link.remote.node) if link.remote is not None else None,
+                  "dialed": link.dialed, "state": link.state} for link in mesh.links),
+                key=lambda link: (link["peer"] or "", link["state"]),
+            ),
+        }
+    return answer
+
+def channel_counts(app: "Application") -> dict:
+    """Channels with local subscribers and the peers with interest in them (``GET /api/channels``)."""
+    node = str(app.node_id)
+    local = {name: len(members) for name, members in app.registry.channels.items()}
+    interested: dict[str, list[str]] = {}
+    mesh = app.mesh
+    if mesh is not None:
+        for peer in mesh.peers.values():
+            for name in peer.interests:
+                interested.setdefault(name, []).append(str(peer.node))
+    rows = []
+    for name in sorted(set(local) | set(interested)):
+        peers = sorted(interested.get(name, ()))
+        rows.append({
+            "channel": name,
+            "subscribers": local.get(name, 0),
+            "peers": peers,
+            "cluster": sorted(([node] if name in local else []) + peers),
+        })
+    return {"node": node, "channels": rows}
 
 
 class ApiSite(server.Site):

@@ -27,6 +27,7 @@ from meshd.constants import CLOSE_DRAINING, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONS
 from meshd.delivery import LocalDelivery
 from meshd.handlers import Handlers, Request, lookup
 from meshd.limits import Limits
+from meshd.listening import Listening
 from meshd.metrics import Metrics
 from meshd.permissions import Policy
 from meshd.registry import Registry
@@ -68,6 +69,8 @@ class Application(MultiService):
         self.config = config
         self.clock = clock
         self.node_id: UUID = config.node_id or uuid4()
+        #: What to log once every listener is up (the demo page's URL).
+        self._announce: list[Callable[[], None]] = []
         self.registry = Registry()
         self.metrics = Metrics()
         #: Runs the end-of-turn steps: batches, mesh interest, then every connection's writes.
@@ -122,10 +125,40 @@ class Application(MultiService):
         from meshd.tls import listener
 
         description, factory = listener(endpoint, self.factory)  # ssl: with AEAD suites only
-        service = strports.service(description, factory)
+        service = Listening(description, factory)
         service.setName(f"websocket:{endpoint}")
         service.setServiceParent(self)
         self.log.info("WebSocket clients on {endpoint}", endpoint=endpoint)
+
+    def websocket_addresses(self) -> "list[tuple[str, Any]]":
+        """Each WebSocket listener's endpoint string and the address it bound (while listening)."""
+        return [
+            (service.description, service.address())
+            for service in self
+            if isinstance(service, Listening) and service.name.startswith("websocket:") and service.port is not None
+        ]
+
+    def serve_web(self, endpoint: str, demo: bool) -> None:
+        """Serve the browser client, and the demo page when ``demo`` is true (``[web]``), on a server endpoint string."""
+        from meshd.tls import listener
+        from meshd.web import WebSite
+
+        description, factory = listener(endpoint, WebSite(self, demo))
+        service = Listening(description, factory)
+        service.setName(f"web:{endpoint}")
+        service.setServiceParent(self)
+
+        def announce() -> None:
+            address = service.address()
+            host = getattr(address, "host", "")
+            host = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1", "::1") else host
+            scheme = "https" if endpoint.startswith("ssl:") else "http"
+            if demo:
+                self.log.info("Demo page: open {url} in a browser", url=f"{scheme}://{host}:{address.port}/")
+            else:
+                self.log.info("Browser client at {url}", url=f"{scheme}://{host}:{address.port}/static/meshd-client.js")
+
+        self._announce.append(announce)
 
     def serve_metrics(self, endpoint: str) -> None:
         """Serve ``GET /metrics`` (Prometheus text format), ``/healthz`` and ``/readyz`` on a server endpoint string."""
@@ -193,6 +226,8 @@ class Application(MultiService):
             named=f" ({self.config.node_name})" if self.config.node_name else "",
         )
         super().startService()
+        for announce in self._announce:
+            announce()
 
     def stopService(self) -> Deferred:
         """Drain, then stop; the Deferred fires when everything has stopped.

@@ -26,6 +26,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_LISTEN = "tcp:8765:interface=127.0.0.1"
+#: Where `--demo` (or `[web] demo = true` without `[web] listen`) serves the demo page.
+DEFAULT_WEB_LISTEN = "tcp:8780:interface=127.0.0.1"
 #: The browser origins a node in development mode accepts unless ``allowed_origins`` is set: pages
 #: served from this machine (Autobahn matches ``scheme://host:port``, an IPv6 host without brackets).
 LOOPBACK_ORIGINS = (
@@ -168,6 +170,16 @@ class Config:
     mesh: Optional[MeshSettings] = None
     # [api]
     api: Optional[ApiSettings] = None
+    # [web]
+    web_listen: Optional[str] = None
+    demo: bool = False
+
+    @property
+    def web_endpoint(self) -> Optional[str]:
+        """Where the web listener (the demo page, the browser client) listens, if anywhere."""
+        if self.web_listen is not None:
+            return self.web_listen
+        return DEFAULT_WEB_LISTEN if self.demo else None
 
     @property
     def development(self) -> bool:
@@ -264,6 +276,12 @@ def _endpoints(v: Any) -> tuple[str, ...]:
     return values
 
 
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
 def _tokens(v: Any) -> dict[str, str]:
     if not isinstance(v, dict):
         raise ValueError(f"expected a table of principal = token, got {v!r}")
@@ -309,6 +327,7 @@ _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "auth": {"tokens": ("tokens", _tokens)},
     "extensions": {"modules": ("modules", _texts)},
     "metrics": {"listen": ("metrics_listen", _endpoint)},
+    "web": {"listen": ("web_listen", _endpoint), "demo": ("demo", _flag)},
 }
 _RULE_KEYS = ("match", "anonymous", "authenticated")
 
@@ -470,12 +489,6 @@ def _address(v: Any) -> str:
 
 def _addresses(v: Any) -> tuple[str, ...]:
     return tuple(_address(a) for a in _texts(v))
-
-
-def _flag(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
-    return v
 
 
 def _positive_seconds(v: Any) -> float:

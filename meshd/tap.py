@@ -62,6 +62,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["check-config", None, "Check the configuration as start-up would, print the problems, and exit (0: none)."],
+        ["demo", None, "Serve the demo page ([web] demo; on http://localhost:8780/ unless --web or [web] listen say where)."],
     ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (see docs/configuration.md)."],
@@ -69,6 +70,7 @@ class Options(usage.Options):
         ["node-name", None, None, "A name for this node in logs."],
         ["max-message-size", None, None, "Largest WebSocket message accepted, in bytes."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint."],
+        ["web", None, None, "Serve the browser client (and the demo page with --demo) on this endpoint ([web] listen)."],
         ["mesh-listen", None, None, "Mesh listener endpoint (overrides [mesh] listen)."],
         ["advertise", None, None, "HOST:PORT other nodes dial (overrides [mesh] advertise)."],
         ["log-format", None, "text", "How twistd writes log events: text (Twisted's lines) or json (one object a line)."],
@@ -151,7 +153,11 @@ class Options(usage.Options):
                 max_message_size = 0
             if max_message_size < 256:
                 problems.append(f"--max-message-size: must be an integer >= 256, got {self['max-message-size']!r}")
-        for flag, endpoints in (("--listen", self["listen"]), ("--metrics", [self["metrics"]] if self["metrics"] else [])):
+        for flag, endpoints in (
+            ("--listen", self["listen"]),
+            ("--metrics", [self["metrics"]] if self["metrics"] else []),
+            ("--web", [self["web"]] if self["web"] else []),
+        ):
             for endpoint in endpoints:
                 problems.extend(f"{flag}: {p}" for p in _endpoint_problems(endpoint))
         for address in self["seeds"]:
@@ -169,6 +175,8 @@ class Options(usage.Options):
             max_message_size=max_message_size,
             modules=config.modules + tuple(self["modules"]),
             metrics_listen=self["metrics"],
+            web_listen=self["web"],
+            demo=True if self["demo"] else None,
         )
         mesh_flags = dict(listen=self["mesh-listen"], advertise=self["advertise"], seeds=tuple(self["seeds"]) or None)
         if any(v is not None for v in mesh_flags.values()):
@@ -185,7 +193,7 @@ class Options(usage.Options):
                 return config, problems
             config = replace(config, mesh=replace(config.mesh, **{k: v for k, v in mesh_flags.items() if v is not None}))
         if config.development:
-            endpoints = config.listen + ((config.metrics_listen,) if config.metrics_listen else ())
+            endpoints = config.listen + tuple(e for e in (config.metrics_listen, config.web_endpoint) if e)
             public = [e for e in endpoints if not is_loopback(e)]
             if public:
                 problems.append(
@@ -222,6 +230,8 @@ def _listeners(config: Config) -> "list[tuple[str, str]]":
         listeners.append(("mesh.listen", config.mesh.listen))
     if config.api is not None:
         listeners.append(("api.listen", config.api.listen))
+    if config.web_endpoint is not None:
+        listeners.append(("web.listen", config.web_endpoint))
     return listeners
 
 
@@ -413,6 +423,8 @@ def makeService(options: Options) -> "Application":
         app.serve_metrics(config.metrics_listen)
     if config.api is not None:
         app.serve_api(config.api.listen, dict(config.api.keys), config.api.max_body_size)
+    if config.web_endpoint is not None:
+        app.serve_web(config.web_endpoint, config.demo)
     if config.source is not None:
         # A reload reads the file again with the same flags, and checks it as start-up would.
         app.reconfigure = options.configure

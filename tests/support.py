@@ -113,7 +113,7 @@ def refusing_port(testcase: unittest.TestCase) -> int:
 
 #: Twisted logs ``<factory> starting on <port>`` once a port listens; which
 #: of a node's listeners each factory serves.
-LISTENERS = {"MeshServerFactory": "websocket", "Site": "metrics", "LinkFactory (TLS)": "mesh"}
+LISTENERS = {"MeshServerFactory": "websocket", "Site": "metrics", "LinkFactory (TLS)": "mesh", "WebSite": "web"}
 _STARTING = re.compile(r"\] (.+) starting on (\d+)\n")
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from uuid import UUID
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from meshd.app import Application
+from meshd.listening import Listening
 from meshd.config import DEFAULT_LISTEN, LOOPBACK_ORIGINS, Config, ConfigError, is_loopback, load
 from meshd.permissions import Rule
 from meshd.tap import Options, Refused, makeService, uninstall_process_hooks
@@ -212,7 +212,7 @@ class OptionsTests(unittest.TestCase):
         app = makeService(self.parse("--config", str(path)))
         self.addCleanup(uninstall_process_hooks)
         self.assertIsInstance(app, Application)
-        listeners = [s for s in app if isinstance(s, StreamServerEndpointService)]
+        listeners = [s.description for s in app if isinstance(s, Listening) and s.name.startswith("websocket:")]
         self.assertEqual(len(listeners), 2)
         self.assertEqual(app.handlers.get(1024).handler(None), b"loaded")
         self.assertEqual(app.get_state(), app.state)

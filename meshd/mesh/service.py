@@ -39,7 +39,7 @@ from uuid import UUID
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from meshd._io import EndOfTurn, LinkTLSFactory, link_tls_endpoint
 from meshd.codec import Watchable
 from meshd.config import MeshSettings, split_address
+from meshd.listening import listen_now
 from meshd.mesh.framing import HEADER, FrameTooLarge, check_size
 from meshd.mesh.link import DialEndpoint, Link, LinkFactory, Violation, opening
 from meshd.mesh.outbox import Outbox
@@ -183,13 +184,7 @@ class Mesh(MultiService):
 
     def _listen(self) -> None:
         """Listen for links now; a port that cannot be bound stops the start (as ``strports.service`` does)."""
-        outcome: list = []
-        serverFromString(self.clock, self._listen_on).listen(self._listener_factory).addBoth(outcome.append)
-        if not outcome:
-            raise RuntimeError(f"mesh.listen {self._listen_on!r}: the listener did not start at once")
-        if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        self._listening = outcome[0]
+        self._listening = listen_now(self.clock, self._listen_on, self._listener_factory)
         bound = getattr(self._listening.getHost(), "port", None)
         if bound:
             self._listen_on = _UNBOUND_PORT.sub(rf"\g<1>{bound}", self._listen_on)
