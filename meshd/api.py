@@ -10,9 +10,9 @@ distribute events, disconnect sessions, and read what the node holds:
 ``POST /api/broadcast``     several channels' subscribers, on every node
 ``POST /api/notify``        the watchers of a watchable (``state.notify_event``)
 ``POST /api/distribute``    ``state.distribute_event`` of one event
-``POST /api/disconnect``    close sessions on this node (close code 4006)
+``POST /api/disconnect``    close sessions, on every node (close code 4006)
 ``GET /api/info``           this node, its peers and links, its counts
-``GET /api/channels``       channels: local subscribers, peers with interest
+``GET /api/channels``       channels: subscribers here and in the cluster
 ``GET /api/openapi.json``   :data:`OPENAPI`, the OpenAPI 3.1 document (no key)
 ==========================  ======================================================
 
@@ -34,17 +34,25 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 from uuid import UUID
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.resource import Resource
 
 from meshd.auth import TokenAuthenticator
 from meshd.codec import EventType, Watchable
 from meshd.constants import CLOSE_DISCONNECTED
+from meshd.mesh.wire import Query, QueryKind
 
 if TYPE_CHECKING:
     from meshd.app import Application
+    from meshd.mesh.queries import Results
 
+#: How long a call that asks the other nodes (``/api/channels``, ``/api/disconnect``) waits for their
+#: answers, in seconds; nodes that have not answered by then are listed in ``missing``.
+QUERY_TIMEOUT = 2.0
 #: The reason sent with close code 4006.
 DISCONNECT_REASON = "disconnected by the server"
 #: Event types by name, for the ``type`` field (an integer from 1024 up is an application's own).
@@ -232,9 +240,26 @@ class Endpoint(Resource):
         except ApiError as e:
             return error(request, e)
         except Exception:
-            self.log.failure("The API failed to answer {method} {path}", method=request.method, path=request.path)
-            return error(request, ApiError(500, "internal_error", "the node failed to answer this request"))
+            return self._failed(request, Failure())
+        if isinstance(answer, Deferred):  # it waits for the other nodes
+            gone: list = []
+            request.notifyFinish().addErrback(gone.append)  # the caller hung up: nothing to write to
+
+            def write(body: bytes) -> None:
+                if not gone:
+                    request.write(body)
+                    request.finish()
+
+            answer.addCallback(lambda result: _json(request, 200, result))
+            answer.addErrback(lambda failure: self._failed(request, failure))
+            answer.addCallback(write)
+            return NOT_DONE_YET
         return _json(request, 200, answer)
+
+    def _failed(self, request, failure: Failure) -> bytes:
+        self.log.failure("The API failed to answer {method} {path}", failure, method=request.method,
+                         path=request.path)
+        return error(request, ApiError(500, "internal_error", "the node failed to answer this request"))
 
 
 class NotFound(Resource):
@@ -373,15 +398,15 @@ class Api:
         event = self.state.event(kind, channel=channel, watchable=watchable, payload=data)
         return {"delivered": self.state.distribute_event(event)}
 
-    def disconnect(self, body: dict) -> dict:
-        """Close the sessions on this node with that id, or of that principal (not on other nodes)."""
+    def disconnect(self, body: dict) -> "Deferred[dict]":
+        """Close the sessions with that id, or of that principal, on this node and every other."""
         self.fields.only(body, ("session", "principal"))
         given = [k for k in ("session", "principal") if k in body]
         if len(given) != 1:
             if not given:
                 raise ApiError(400, "missing_field", "session or principal: required (one of them)")
             raise _bad("principal", "give session or principal, not both")
-        registry = self.app.registry
+        session_id = principal = None
         if given[0] == "session":
             value = body["session"]
             try:
@@ -390,25 +415,50 @@ class Api:
                 session_id = None
             if session_id is None:
                 raise _bad("session", "expected a session id (a UUID)")
-            found = registry.get(session_id)
-            sessions = [found] if found is not None else []
         else:
             principal = body["principal"]
             if not isinstance(principal, str) or not principal:
                 raise _bad("principal", "expected a non-empty string")
-            sessions = [s for s in registry.sessions.values() if s.principal == principal]
-        closed = []
-        for session in sessions:
-            if session.is_open:
-                session.lifecycle.close(CLOSE_DISCONNECTED, DISCONNECT_REASON)
-                closed.append(str(session.id))
-        return {"disconnected": len(closed), "sessions": closed}
+        closed = self.app.disconnect(principal=principal, session=session_id,
+                                     code=CLOSE_DISCONNECTED, reason=DISCONNECT_REASON)
+        if session_id is not None and closed:
+            return succeed({"disconnected": 1, "sessions": [str(session_id)], "missing": []})  # ids are unique
+        query = Query(kind=QueryKind.Disconnect, principal=principal, session=session_id,
+                      code=CLOSE_DISCONNECTED, reason=DISCONNECT_REASON)
+
+        def gathered(results: "Results | None") -> dict:
+            ids = [str(s) for s in closed]
+            if results is not None:
+                ids += [str(s) for answers in results.answers.values() for a in answers for s in a.closed]
+            return {"disconnected": len(ids), "sessions": ids, "missing": _missing_nodes(results)}
+
+        return self._ask(query).addCallback(gathered)
+
+    def _ask(self, query: "Query") -> "Deferred[Results | None]":
+        """Ask the other nodes ``query`` (None at once without a mesh)."""
+        mesh = self.app.mesh
+        if mesh is None:
+            return succeed(None)
+        return mesh.ask(query, QUERY_TIMEOUT)
 
     def info(self) -> dict:
         return node_info(self.app, self.started)
 
-    def channels(self) -> dict:
-        return channel_counts(self.app)
+    def channels(self) -> "Deferred[dict]":
+        def counted(results: "Results | None") -> dict:
+            answer = channel_counts(self.app)
+            remote: dict[str, int] = {}
+            if results is not None:
+                for answers in results.answers.values():
+                    for a in answers:
+                        for count in a.channels:
+                            remote[count.channel] = remote.get(count.channel, 0) + count.subscribers
+            for row in answer["channels"]:
+                row["cluster_subscribers"] = row["subscribers"] + remote.pop(row["channel"], 0)
+            answer["missing"] = _missing_nodes(results)
+            return answer
+
+        return self._ask(Query(kind=QueryKind.Stats)).addCallback(counted)
 
 
 def node_info(app: "Application", started: float) -> dict:
@@ -493,6 +543,10 @@ class ApiSite(server.Site):
         return "ApiSite"
 
 
+def _missing_nodes(results: "Results | None") -> list[str]:
+    return [str(node) for node in results.missing] if results is not None else []
+
+
 def error(request, e: ApiError) -> bytes:
     return _json(request, e.status, {"error": {"code": e.code, "message": e.message}})
 
@@ -542,6 +596,8 @@ def _get(summary: str, ok: str, *, public: bool = False) -> dict:
 _CHANNEL = {"type": "string", "minLength": 1}
 _UUID = {"type": "string", "format": "uuid"}
 _COUNT = {"type": "integer", "minimum": 0}
+_MISSING = {"type": "array", "items": _UUID, "description": (
+    "Other nodes whose part is not in the answer: not linked now, too old to be asked, or silent for 2 s.")}
 
 #: The OpenAPI 3.1 document of this API, served at ``GET /api/openapi.json``.
 OPENAPI: dict = {
@@ -622,8 +678,12 @@ OPENAPI: dict = {
                                "channels": {"type": "object", "additionalProperties": _COUNT}},
             },
             "Disconnected": {
-                "type": "object", "required": ["disconnected", "sessions"], "additionalProperties": False,
-                "properties": {"disconnected": _COUNT, "sessions": {"type": "array", "items": _UUID}},
+                "type": "object", "required": ["disconnected", "sessions", "missing"], "additionalProperties": False,
+                "properties": {
+                    "disconnected": {**_COUNT, "description": "Sessions closed, on this node and the others."},
+                    "sessions": {"type": "array", "items": _UUID, "description": "The ids of those sessions."},
+                    "missing": _MISSING,
+                },
             },
             "Info": {
                 "type": "object", "additionalProperties": False,
@@ -657,17 +717,21 @@ OPENAPI: dict = {
                 },
             },
             "Channels": {
-                "type": "object", "required": ["node", "channels"], "additionalProperties": False,
+                "type": "object", "required": ["node", "channels", "missing"], "additionalProperties": False,
                 "properties": {
                     "node": _UUID,
+                    "missing": _MISSING,
                     "channels": {"type": "array", "items": {
-                        "type": "object", "required": ["channel", "subscribers", "peers", "cluster"],
+                        "type": "object",
+                        "required": ["channel", "subscribers", "cluster_subscribers", "peers", "cluster"],
                         "additionalProperties": False,
                         "properties": {
                             "channel": {"type": "string"},
                             "subscribers": {**_COUNT, "description": "Subscribers on this node."},
+                            "cluster_subscribers": {**_COUNT, "description": (
+                                "Subscribers on this node and on every node that answered (see missing).")},
                             "peers": {"type": "array", "items": _UUID,
-                                      "description": "Other nodes with subscribers (their counts are not gossiped)."},
+                                      "description": "Other nodes with subscribers, from the interest they gossip."},
                             "cluster": {"type": "array", "items": _UUID,
                                         "description": "Every node with subscribers, this one included."},
                         },
@@ -684,9 +748,9 @@ OPENAPI: dict = {
         "/api/notify": _post("Notify the watchers of a watchable (state.notify_event).", "Notify", "Delivered"),
         "/api/distribute": _post("Distribute an event to every node (state.distribute_event).", "Distribute",
                                  "Delivered"),
-        "/api/disconnect": _post("Close sessions on this node (close code 4006).", "Disconnect", "Disconnected"),
+        "/api/disconnect": _post("Close sessions on every node (close code 4006).", "Disconnect", "Disconnected"),
         "/api/info": _get("This node, its peers and links, and its counts.", "Info"),
-        "/api/channels": _get("Channels, their subscribers here, and the peers with interest.", "Channels"),
+        "/api/channels": _get("Channels and their subscribers, here and in the cluster.", "Channels"),
         "/api/openapi.json": _get("This document (no key needed).", "OpenAPI", public=True),
     },
 }

@@ -200,6 +200,7 @@ class Application(MultiService):
             turn=self.turn,
             registry=self.registry,
             deliver=self.delivery.deliver_routed,
+            answer=self.answer_query,
         )
         mesh.setServiceParent(self)
         return mesh
@@ -433,6 +434,34 @@ class Application(MultiService):
             self.metrics.slow_consumer_closes += 1
         elif session.close_code == CLOSE_HELLO_TIMEOUT:
             self.metrics.hello_timeouts += 1
+
+    def disconnect(self, *, principal: Optional[str] = None, session: Optional[UUID] = None,
+                   code: int, reason: str) -> list[UUID]:
+        """Close this node's sessions of ``principal``, or the session ``session``; the ids closed."""
+        if session is not None:
+            found = self.registry.get(session)
+            candidates = [found] if found is not None else []
+        elif principal is not None:
+            candidates = [s for s in self.registry.sessions.values() if s.principal == principal]
+        else:
+            candidates = []
+        closed = []
+        for found in candidates:
+            if found.is_open:
+                found.lifecycle.close(code, reason)
+                closed.append(found.id)
+        return closed
+
+    def answer_query(self, query) -> "tuple[int, list[tuple[str, int]], list[UUID]]":
+        """What this node answers another's Query (meshd.mesh.queries): counts, or the sessions it closed."""
+        from meshd.mesh.wire import QueryKind
+
+        if query.kind == QueryKind.Disconnect:
+            closed = self.disconnect(principal=query.principal, session=query.session, code=query.code,
+                                     reason=query.reason)
+            return 0, [], closed
+        channels = [(name, len(members)) for name, members in self.registry.channels.items()]
+        return len(self.registry.sessions), channels, []
 
     # -- dispatch -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Optional
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from meshd.auth import Identity
-from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable, encode
+from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable
 from meshd.constants import CLOSE_HELLO_FAILURES
 from meshd.handlers import Handlers, Request
 from meshd.permissions import PUBLISH, SUBSCRIBE, WATCH

@@ -30,7 +30,7 @@ class Malformed(ValueError):
 
 
 # Field kinds.
-U8, BOOL, U16, U32, U64, STRING, BYTES, UUID_STRUCT, TABLE, STRINGS, TABLES, UNION_TYPE, UNION = range(13)
+U8, BOOL, U16, U32, U64, STRING, BYTES, UUID_STRUCT, TABLE, STRINGS, TABLES, UNION_TYPE, UNION, UUIDS = range(14)
 
 _INLINE_SIZE = {U8: 1, BOOL: 1, U16: 2, U32: 4, U64: 8, UUID_STRUCT: 16, UNION_TYPE: 1}
 
@@ -206,6 +206,12 @@ def _read_field(f: Field, what: str, namespace: dict, slot: int, dest: str) -> l
             f"start, length = vector(buf, at, {what!r}, 4)",
             f"{dest} = [read_{slot}(buf, follow(buf, start + 4 * i, {what!r}), depth + 1)"
             " for i in range(length)]",
+        ]
+    if kind == UUIDS:  # a vector of Uuid structs
+        return [
+            f"start, length = vector(buf, at, {what!r}, 16)",
+            f"{dest} = [UUID(int=(hi << 64) | lo) for hi, lo in"
+            " (_uuid_parts(buf, start + 16 * i) for i in range(length))]",
         ]
     if kind == UNION_TYPE:
         return ["union_type = buf[at]"]

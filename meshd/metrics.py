@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Upper bounds (seconds) of the buckets of ``meshd_turn_seconds``.
 TURN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Upper bounds (seconds) of the buckets of ``meshd_mesh_link_rtt_seconds``.
+RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: A seed that has not linked is given up on (for readiness) after this many ``reconnect_max_delay``.
 SEED_GIVE_UP_ROUNDS = 3
 #: Link states by what ``meshd_mesh_link_states`` reports them as.
@@ -92,6 +94,7 @@ class Metrics:
         "mesh_duplicates",
         "mesh_queue_dropped",
         "turns",
+        "mesh_rtt",
     )
 
     def __init__(self) -> None:
@@ -111,6 +114,8 @@ class Metrics:
         self.mesh_queue_dropped = 0
         #: Per reactor turn with a client frame: first frame read to the end of the flush (EndOfTurn.timed).
         self.turns = Histogram(TURN_BUCKETS)
+        #: Mesh links' round trips: a Heartbeat's ping to its pong, every heartbeat_interval per link.
+        self.mesh_rtt = Histogram(RTT_BUCKETS)
 
     def error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -198,6 +203,17 @@ class NodeCollector(Collector):
                 states[state] += 1
         yield by(GaugeMetricFamily, "meshd_mesh_link_states", "Live mesh connections, by state.", "state",
                  states.items())
+        rtt = HistogramMetricFamily(
+            "meshd_mesh_link_rtt_seconds",
+            "Mesh links' round-trip times: a Heartbeat's ping to its answer (one a heartbeat_interval per link).",
+            labels=["node"],
+        )
+        rtt.add_metric([node], m.mesh_rtt.buckets(), m.mesh_rtt.sum)
+        yield rtt
+        yield by(GaugeMetricFamily, "meshd_mesh_link_rtt_last_seconds",
+                 "Each open link's last measured round-trip time.", "peer",
+                 sorted((str(p.node), p.link.rtt) for p in mesh.peers.values()
+                        if p.link is not None and p.link.rtt is not None))
         peers = sorted(mesh.peers.values(), key=lambda p: str(p.node))
         yield by(GaugeMetricFamily, "meshd_mesh_outbox_bytes",
                  "Bytes of routed frames kept for a peer until it acknowledges them.", "peer",

@@ -216,7 +216,7 @@ class DisconnectTests(ApiTestCase):
         await self.start_api()
         a, b = await self.client("alice-token"), await self.client("alice-token")
         status, answer, _ = await self.call("POST", "/api/disconnect", {"session": str(a.session_id)})
-        self.assertEqual((status, answer), (200, {"disconnected": 1, "sessions": [str(a.session_id)]}))
+        self.assertEqual((status, answer), (200, {"disconnected": 1, "sessions": [str(a.session_id)], "missing": []}))
         closed = await a.when_closed().addTimeout(10, reactor)
         self.assertEqual((closed.code, closed.reason), (CLOSE_DISCONNECTED, "disconnected by the server"))
         await self.settle(b)  # still open
@@ -241,7 +241,7 @@ class DisconnectTests(ApiTestCase):
         await self.start_api()
         for body in ({"session": "0b7d3c4e-5f01-4a2b-9c3d-8e7f6a5b4c3d"}, {"principal": "nobody"}):
             status, answer, _ = await self.call("POST", "/api/disconnect", body)
-            self.assertEqual((status, answer), (200, {"disconnected": 0, "sessions": []}))
+            self.assertEqual((status, answer), (200, {"disconnected": 0, "sessions": [], "missing": []}))
 
     async def test_disconnect_errors(self) -> None:
         """A bad session id, neither field or both are answered 400 naming the field."""
@@ -289,11 +289,56 @@ class ReadTests(ApiTestCase):
         status, answer, _ = await self.call("GET", "/api/channels")
         self.assertEqual(status, 200)
         me, peer = str(first.app.node_id), str(second.app.node_id)
-        self.assertEqual(answer, {"node": me, "channels": [
-            {"channel": "both", "subscribers": 1, "peers": [peer], "cluster": sorted([me, peer])},
-            {"channel": "here", "subscribers": 1, "peers": [], "cluster": [me]},
-            {"channel": "there", "subscribers": 0, "peers": [peer], "cluster": [peer]},
+        self.assertEqual(answer, {"node": me, "missing": [], "channels": [
+            {"channel": "both", "subscribers": 1, "cluster_subscribers": 2, "peers": [peer],
+             "cluster": sorted([me, peer])},
+            {"channel": "here", "subscribers": 1, "cluster_subscribers": 1, "peers": [], "cluster": [me]},
+            {"channel": "there", "subscribers": 0, "cluster_subscribers": 1, "peers": [peer], "cluster": [peer]},
         ]})
+
+    async def test_cluster_counts_and_missing_nodes(self) -> None:
+        """/api/channels adds up the subscribers of every node that answers; a node that is away is
+        listed as missing and its subscribers are not counted."""
+        first, second, third = await self.cluster_of(3)
+        await self.start_api(app=first.app)
+        clients = [await self.client_of(node) for node in (first, second, second, third)]
+        for client in clients:
+            await client.subscribe("room")
+        await self.interest_settled([first, second, third], "room", [first, second, third])
+        status, answer, _ = await self.call("GET", "/api/channels")
+        self.assertEqual(status, 200)
+        self.assertEqual([(r["channel"], r["subscribers"], r["cluster_subscribers"]) for r in answer["channels"]],
+                         [("room", 1, 4)])
+        self.assertEqual(answer["missing"], [])
+        await third.app.stopService()
+        await self.wait_for(lambda: first.mesh.peers[third.app.node_id].link is None, "the link with the third to go")
+        status, answer, _ = await self.call("GET", "/api/channels")
+        self.assertEqual([(r["channel"], r["cluster_subscribers"]) for r in answer["channels"]], [("room", 3)])
+        self.assertEqual(answer["missing"], [str(third.app.node_id)])
+
+    async def test_disconnect_a_principal_everywhere(self) -> None:
+        """POST /api/disconnect closes a principal's sessions on every node, and says which."""
+        first = await self.start_mesh_node(self.settings(0), tokens=TOKENS)
+        second = await self.start_mesh_node(self.settings(1, [first.address]), tokens=TOKENS)
+        await self.wait_for(lambda: first.links() == second.links() == 1, "the link")
+        await self.start_api(app=first.app)
+        here = await self.client_of(first, "alice-token")
+        there = [await self.client_of(second, "alice-token"), await self.client_of(second, "alice-token")]
+        bob = await self.client_of(second, "bob-token")
+        status, answer, _ = await self.call("POST", "/api/disconnect", {"principal": "alice"})
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["disconnected"], 3)
+        self.assertEqual(sorted(answer["sessions"]), sorted(str(c.session_id) for c in [here, *there]))
+        self.assertEqual(answer["missing"], [])
+        for client in (here, *there):
+            closed = await client.when_closed().addTimeout(10, reactor)
+            self.assertEqual(closed.code, CLOSE_DISCONNECTED)
+        await self.settle(bob)
+        self.assertIsNone(bob.closed_reason)
+        status, answer, _ = await self.call("POST", "/api/disconnect", {"session": str(bob.session_id)})
+        self.assertEqual((status, answer), (200, {"disconnected": 1, "sessions": [str(bob.session_id)], "missing": []}))
+        closed = await bob.when_closed().addTimeout(10, reactor)
+        self.assertEqual(closed.code, CLOSE_DISCONNECTED)
 
     async def test_channels_counts_local_subscribers(self) -> None:
         """GET /api/channels counts each channel's subscribers on this node."""
@@ -305,8 +350,8 @@ class ReadTests(ApiTestCase):
         status, answer, _ = await self.call("GET", "/api/channels")
         me = str(self.app.node_id)
         self.assertEqual((status, answer["channels"]), (200, [
-            {"channel": "x", "subscribers": 2, "peers": [], "cluster": [me]},
-            {"channel": "y", "subscribers": 1, "peers": [], "cluster": [me]}]))
+            {"channel": "x", "subscribers": 2, "cluster_subscribers": 2, "peers": [], "cluster": [me]},
+            {"channel": "y", "subscribers": 1, "cluster_subscribers": 1, "peers": [], "cluster": [me]}]))
 
     async def test_openapi_document(self) -> None:
         """GET /api/openapi.json needs no key and is a valid OpenAPI 3.1 document naming every endpoint."""

@@ -71,7 +71,7 @@ class LinkTestCase(SynchronousTestCase):
             self._certs = directory
         return self._certs
 
-    def node(self, index: int, node_id: Optional[UUID] = None, **settings) -> Node:
+    def node(self, index: int, node_id: Optional[UUID] = None, answer=None, **settings) -> Node:
         """A started mesh service (its id the one its certificate names); nothing it does reaches a socket."""
         d = self.certs()
         port = 7100 + index
@@ -87,7 +87,7 @@ class LinkTestCase(SynchronousTestCase):
         mesh = Mesh(
             config, Credentials.load(config.ca, config.cert, config.key), node_id=node_id or UUID(int=index + 1),
             clock=self.clock, metrics=Metrics(), turn=EndOfTurn(self.clock), registry=Registry(),
-            deliver=lambda routed: delivered.append(routed) or 1,
+            deliver=lambda routed: delivered.append(routed) or 1, answer=answer,
         )
         mesh.startService()
         self.addCleanup(mesh.stopService)
@@ -270,7 +270,7 @@ class GoodbyeTests(LinkTestCase):
 
 class HeartbeatTests(LinkTestCase):
     def test_idle_link_beats(self) -> None:
-        """An open link that sends nothing else sends a Heartbeat every interval."""
+        """An open link sends a Heartbeat every interval, carrying a ping stamped with its clock."""
         a, b = self.node(0), self.node(1)
         dialed, accepted, pump = self.pair(b, a)
         pump.flush()
@@ -279,8 +279,54 @@ class HeartbeatTests(LinkTestCase):
         for _ in range(3):
             self.clock.advance(1.0)
             self.end_turn()
-            self.assertEqual(frames_in(pump.clientIO.getOutBuffer() or b""), [Heartbeat(0)])
+            stamp = int(self.clock.seconds() * 1_000_000)
+            self.assertEqual(frames_in(pump.clientIO.getOutBuffer() or b""), [Heartbeat(0, ping=stamp)])
             pump.serverIO.getOutBuffer()
+
+    def test_queries_between_links(self) -> None:
+        """A Query crosses a link and its Answer comes back; a peer whose LinkHello does not list the
+        feature (a node older than it) is not sent one and is reported missing."""
+        from meshd.mesh.wire import Query, QueryKind
+
+        asked = []
+
+        def answer(query):
+            asked.append(query)
+            return 5, [("room", 2)], []
+
+        a, b, old = self.node(0, answer=answer), self.node(1, answer=answer), self.node(2)
+        pumps = [self.pair(a, other)[2] for other in (b, old)]
+        for pump in pumps:
+            pump.flush()
+        results = []
+        a.mesh.ask(Query(kind=QueryKind.Stats), 2.0).addCallback(results.append)
+        for _ in range(2):
+            self.end_turn()
+            for pump in pumps:
+                pump.flush()
+        self.assertEqual([q.kind for q in asked], [QueryKind.Stats])
+        [result] = results
+        self.assertEqual(result.missing, [old.mesh.node_id])
+        [[got]] = result.answers.values()
+        self.assertEqual((got.sessions, [(c.channel, c.subscribers) for c in got.channels]), (5, [("room", 2)]))
+        self.assertEqual(list(result.answers), [b.mesh.node_id])
+
+    def test_round_trip_measured(self) -> None:
+        """A ping is answered at once with its pong; the pinging side measures the round trip."""
+        a, b = self.node(0), self.node(1)
+        dialed, accepted, pump = self.pair(b, a)
+        pump.flush()
+        self.assertIsNone(dialed.rtt)
+        self.clock.advance(1.0)  # both sides ping
+        self.end_turn()
+        self.clock.advance(0.25)  # the pings take a quarter second to cross and come back
+        pump.flush()
+        self.end_turn()
+        pump.flush()
+        self.assertAlmostEqual(dialed.rtt, 0.25, places=5)
+        self.assertAlmostEqual(accepted.rtt, 0.25, places=5)
+        self.assertEqual(a.mesh.metrics.mesh_rtt.count, 1)
+        self.assertAlmostEqual(a.mesh.metrics.mesh_rtt.sum, 0.25, places=5)
 
     def test_silence_times_out(self) -> None:
         """A link that hears nothing for heartbeat_timeout says Goodbye and is aborted."""

@@ -93,6 +93,7 @@ from zope.interface import implementer
 from meshd._io import Outlet
 from meshd.mesh.framing import Deframer, FrameTooLarge, frame
 from meshd.mesh.wire import (
+    Answer,
     Goodbye,
     GoodbyeCode,
     Heartbeat,
@@ -100,6 +101,7 @@ from meshd.mesh.wire import (
     LinkHello,
     Malformed,
     Peers,
+    Query,
     Routed,
     decode,
     encode_goodbye,
@@ -195,9 +197,10 @@ class Link(Protocol):
         self.nonce = random.getrandbits(63) + 1 if dialed else 0
         self._deframer = Deframer(mesh.settings.max_frame_size)
         self._last_received = self.clock.seconds()
-        self._sent_mark = 0  # outlet.written + outlet.pending at the last tick
         self._unacked = 0
         self._unacked_bytes = 0
+        #: The link's last measured round-trip time in seconds (a Heartbeat's ping and its pong), if any.
+        self.rtt: Optional[float] = None
         self._ticker: Optional[LoopingCall] = None
         self._hello_deadline = None  # the delayed call of the ``late`` input, until the link opens
         self._waiters: list[Deferred[Link]] = []  # when_opened()
@@ -322,10 +325,24 @@ class Link(Protocol):
     def send(self, payload: bytes) -> None:
         self.write(frame(payload, self.mesh.settings.max_frame_size))
 
-    def send_heartbeat(self) -> None:
+    def send_heartbeat(self, ping: bool = False, pong: int = 0) -> None:
+        """Send a Heartbeat acknowledging what was received; with ``ping``, one the peer answers at
+        once (the round trip is measured); with ``pong``, the answer to the peer's ping."""
         self._unacked = self._unacked_bytes = 0
         acked = self.peer.received_seq if self.peer is not None else 0
-        self.send(encode_heartbeat(acked))
+        stamp = max(1, int(self.clock.seconds() * 1_000_000)) if ping else 0
+        self.send(encode_heartbeat(acked, stamp, pong))
+
+    def _heard_heartbeat(self, message: Heartbeat) -> None:
+        if self.peer is not None:
+            self.peer.outbox.ack(message.acked)
+        if message.ping:
+            self.send_heartbeat(pong=message.ping)
+        if message.pong:
+            rtt = self.clock.seconds() - message.pong / 1_000_000
+            if rtt >= 0:
+                self.rtt = rtt
+                self.mesh.metrics.mesh_rtt.observe(rtt)
 
     def goodbye(self, code: int, reason: str) -> None:
         """Say why, then close (nothing if the link is closing already)."""
@@ -401,12 +418,15 @@ class Link(Protocol):
                     if self._unacked >= ACK_EVERY or self._unacked_bytes >= ACK_EVERY_BYTES:
                         self.send_heartbeat()
                 elif kind is Heartbeat:
-                    if peer is not None:
-                        peer.outbox.ack(message.acked)
+                    self._heard_heartbeat(message)
                 elif kind is Interest:
                     mesh.interest_received(self, message)
                 elif kind is Peers:
                     mesh.learn(message.peers)
+                elif kind is Query:
+                    mesh.query_received(self, message)
+                elif kind is Answer:
+                    mesh.answer_received(self, message)
                 elif kind is Goodbye:
                     inputs.farewell(message)
                     return
@@ -517,10 +537,7 @@ def _refused_by_peer(inputs: _Inputs, link: Link, message: Goodbye) -> None:
 
 @_on(_Inputs.tick, [_open])
 def _beat(inputs: _Inputs, link: Link) -> None:
-    outlet = link.outlet
-    if outlet.written + outlet.pending == link._sent_mark or link._unacked:
-        link.send_heartbeat()  # nothing else went out since the last tick, or acknowledgements are due
-    link._sent_mark = outlet.written + outlet.pending
+    link.send_heartbeat(ping=True)  # keeps an idle link alive, acknowledges, and measures the round trip
 
 
 @_on(_Inputs.farewell, [_open], _closing)

@@ -38,7 +38,7 @@ from uuid import UUID
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -51,9 +51,14 @@ from meshd.listening import listen_now
 from meshd.mesh.framing import HEADER, FrameTooLarge, check_size
 from meshd.mesh.link import DialEndpoint, Link, LinkFactory, Violation, opening
 from meshd.mesh.outbox import Outbox
+from meshd.mesh.queries import QUERY_FEATURE, Answerer, Queries, Results
 from meshd.mesh.tls import Credentials, node_id_of, peer_certificate
 from meshd.mesh.wire import (
+    FEATURES,
     MESH_VERSION,
+    Answer,
+    Query,
+    encode_answers,
     Cursor,
     GoodbyeCode,
     Interest,
@@ -93,7 +98,7 @@ class PeerState:
 
     __slots__ = (
         "node", "address", "incarnation", "link", "interests", "interest_bytes", "outbox", "received_seq",
-        "sent_seq", "linked", "down_since", "dial_started", "last_tried",
+        "sent_seq", "linked", "down_since", "dial_started", "last_tried", "features",
     )
 
     def __init__(self, node: UUID, address: Optional[str], outbox: Outbox, now: float) -> None:
@@ -110,6 +115,7 @@ class PeerState:
         self.down_since = now  # when it was last seen linked (or first heard of)
         self.dial_started: Optional[float] = None  # never linked: when this turn of dialing it began
         self.last_tried = 0.0  # never linked: when its last turn of dialing ended
+        self.features: frozenset[str] = frozenset()  # what its LinkHello said it understands
 
 
 class Mesh(MultiService):
@@ -128,6 +134,7 @@ class Mesh(MultiService):
         turn: EndOfTurn,
         registry: "Registry",
         deliver: Callable[[Routed], int],
+        answer: "Optional[Answerer]" = None,
     ) -> None:
         super().__init__()
         self.setName("mesh")
@@ -141,6 +148,9 @@ class Mesh(MultiService):
         self.turn = turn
         self.registry = registry
         self._deliver = deliver
+        #: Answers the Query frames of peers (sessions and channel counts, disconnects); None: none are.
+        self._answer = answer
+        self.queries = Queries(clock)
         self.incarnation = random.getrandbits(63) + 1
         self.seq = 0
         #: A peer's numbers may jump this far (``max_sequence_gap``); ours jump at most half
@@ -196,6 +206,7 @@ class Mesh(MultiService):
         if self.running:  # a MultiService stops its children again, stopped or not
             self.registry.unobserve(self._interest_changed)
         self._pending_interest.clear()
+        self.queries.cancel_all()
         if self._expiry.running:
             self._expiry.stop()
         for peer in self.peers.values():
@@ -262,6 +273,7 @@ class Mesh(MultiService):
             incarnation=self.incarnation,
             version=MESH_VERSION,
             address=self.advertise,
+            features=FEATURES if self._answer is not None else (),
             cursors=tuple(
                 Cursor(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
             ),
@@ -386,6 +398,7 @@ class Mesh(MultiService):
         link.peer = peer
         peer.link = link
         peer.linked = True
+        peer.features = frozenset(hello.features)
         peer.dial_started = None
         if told and told != peer.address and told not in self.settings.seeds:
             self._park_unless_shared(told)  # it is elsewhere: its turn of dialing there ends
@@ -457,6 +470,7 @@ class Mesh(MultiService):
             return
         peer.link = None
         peer.down_since = self.clock.seconds()
+        self.queries.lost(peer.node)
         farewell = link.farewell
         if farewell is not None and farewell.code == GoodbyeCode.Shutdown:
             self.log.info("Node {node} is shutting down", node=peer.node)
@@ -468,6 +482,33 @@ class Mesh(MultiService):
                           address=peer.address, reason=_describe(reason))
         if peer.address and self.running:
             self.dial(peer.address)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def ask(self, query: Query, timeout: float) -> "Deferred[Results]":
+        """Ask every other node ``query``; fire with their answers and the nodes that gave none.
+
+        Nodes known but not linked now, or linked but too old to take queries, are missing.
+        """
+        links, unreachable = [], []
+        for peer in self.peers.values():
+            if peer.link is not None and peer.link.is_open and QUERY_FEATURE in peer.features:
+                links.append(peer.link)
+            elif peer.linked or peer.link is not None:
+                unreachable.append(peer.node)
+        return self.queries.ask(links, unreachable, query, timeout)
+
+    def query_received(self, link: Link, query: Query) -> None:
+        """A peer's Query: answer it on the same link, split to fit the frame size."""
+        if self._answer is None:
+            raise Violation("a Query, which this node did not offer to answer")
+        sessions, channels, closed = self._answer(query)
+        for payload in encode_answers(query.id, self._budget(), sessions, channels, closed):
+            link.send(payload)
+
+    def answer_received(self, link: Link, answer: Answer) -> None:
+        if link.peer is not None:
+            self.queries.answered(link.peer.node, answer)
 
     def learn(self, peers: Iterable[Peer]) -> None:
         """Take note of the nodes a linked peer tells of (in its LinkHello or a Peers frame).

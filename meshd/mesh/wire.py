@@ -14,6 +14,8 @@ import flatbuffers
 from meshd import flatverify as fv
 from meshd.codec import PADDING, WATCHABLE, EventType, Watchable, encode_event, string_part, watchable_part
 from meshd.fb.client.Uuid import CreateUuid
+from meshd.fb.mesh import Answer as A
+from meshd.fb.mesh import ChannelCount as CC
 from meshd.fb.mesh import Cursor as C
 from meshd.fb.mesh import Frame as F
 from meshd.fb.mesh import Goodbye as G
@@ -22,20 +24,25 @@ from meshd.fb.mesh import Interest as I
 from meshd.fb.mesh import LinkHello as L
 from meshd.fb.mesh import Peer as P
 from meshd.fb.mesh import Peers as PS
+from meshd.fb.mesh import Query as Q
 from meshd.fb.mesh.Body import Body
 from meshd.fb.mesh.GoodbyeCode import GoodbyeCode
+from meshd.fb.mesh.QueryKind import QueryKind
 from meshd.fb.mesh.RouteKind import RouteKind
 from meshd.mesh.framing import LENGTH
 
 __all__ = [
-    "MESH_IDENTIFIER", "MESH_VERSION", "Body", "Cursor", "Goodbye", "GoodbyeCode", "Heartbeat",
-    "Interest", "LinkHello", "Malformed", "Peer", "Peers", "RouteKind", "Routed", "decode",
-    "encode_goodbye", "encode_heartbeat", "encode_hello", "encode_interest", "encode_peers",
-    "encode_routed", "marker_frame", "read_routed", "routed_frame",
+    "FEATURES", "MESH_IDENTIFIER", "MESH_VERSION", "Answer", "Body", "ChannelCount", "Cursor", "Goodbye",
+    "GoodbyeCode", "Heartbeat", "Interest", "LinkHello", "Malformed", "Peer", "Peers", "Query", "QueryKind",
+    "RouteKind", "Routed", "decode", "encode_answers", "encode_goodbye", "encode_heartbeat", "encode_hello",
+    "encode_interest", "encode_peers", "encode_query", "encode_routed", "marker_frame", "read_routed",
+    "routed_frame",
 ]
 
 MESH_IDENTIFIER = b"MSHM"
 MESH_VERSION = 1
+#: What this node's LinkHello lists in ``features``: frames a peer may send it beyond version 1's first set.
+FEATURES = ("query",)
 Malformed = fv.Malformed
 _U64 = (1 << 64) - 1
 
@@ -64,11 +71,14 @@ class LinkHello:
     interests: tuple[str, ...] = ()
     cursors: tuple[Cursor, ...] = ()
     nonce: int = 0
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Heartbeat:
     acked: int = 0
+    ping: int = 0
+    pong: int = 0
 
 
 @dataclass(slots=True)  # not frozen: built and read for every event that crosses a link
@@ -99,7 +109,32 @@ class Goodbye:
     reason: str = ""
 
 
-MeshFrame = Union[LinkHello, Heartbeat, Routed, Interest, Peers, Goodbye]
+@dataclass(frozen=True)
+class Query:
+    id: int = 0
+    kind: int = QueryKind.Stats
+    principal: Optional[str] = None
+    session: Optional[UUID] = None
+    code: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ChannelCount:
+    channel: str
+    subscribers: int = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    id: int = 0
+    more: bool = False
+    sessions: int = 0
+    channels: tuple[ChannelCount, ...] = ()
+    closed: tuple[UUID, ...] = ()
+
+
+MeshFrame = Union[LinkHello, Heartbeat, Routed, Interest, Peers, Goodbye, Query, Answer]
 
 
 # -- decoding -------------------------------------------------------------------
@@ -137,10 +172,13 @@ _HELLO = fv.Table(
         fv.Field("interests", fv.STRINGS),
         fv.Field("cursors", fv.TABLES, _CURSOR),
         fv.Field("nonce", fv.U64),
+        fv.Field("features", fv.STRINGS),
     ),
-    _make(LinkHello, ("peers", "interests", "cursors")),
+    _make(LinkHello, ("peers", "interests", "cursors", "features")),
 )
-_HEARTBEAT = fv.Table("Heartbeat", (fv.Field("acked", fv.U64),), _make(Heartbeat))
+_HEARTBEAT = fv.Table(
+    "Heartbeat", (fv.Field("acked", fv.U64), fv.Field("ping", fv.U64), fv.Field("pong", fv.U64)), _make(Heartbeat)
+)
 _ROUTED = fv.Table(
     "Routed",
     (
@@ -159,6 +197,34 @@ _INTEREST = fv.Table(
 )
 _PEERS = fv.Table("Peers", (fv.Field("peers", fv.TABLES, _PEER),), _make(Peers, ("peers",)))
 _GOODBYE = fv.Table("Goodbye", (fv.Field("code", fv.U16), fv.Field("reason", fv.STRING)), _make(Goodbye))
+_QUERY = fv.Table(
+    "Query",
+    (
+        fv.Field("id", fv.U64),
+        fv.Field("kind", fv.U8),
+        fv.Field("principal", fv.STRING),
+        fv.Field("session", fv.UUID_STRUCT),
+        fv.Field("code", fv.U16),
+        fv.Field("reason", fv.STRING),
+    ),
+    _make(Query),
+)
+_CHANNEL_COUNT = fv.Table(
+    "ChannelCount",
+    (fv.Field("channel", fv.STRING, required=True), fv.Field("subscribers", fv.U32)),
+    _make(ChannelCount),
+)
+_ANSWER = fv.Table(
+    "Answer",
+    (
+        fv.Field("id", fv.U64),
+        fv.Field("more", fv.BOOL),
+        fv.Field("sessions", fv.U32),
+        fv.Field("channels", fv.TABLES, _CHANNEL_COUNT),
+        fv.Field("closed", fv.UUIDS),
+    ),
+    _make(Answer, ("channels", "closed")),
+)
 _FRAME = fv.Table(
     "Frame",
     (
@@ -173,6 +239,8 @@ _FRAME = fv.Table(
                 Body.Interest: ("Interest", _INTEREST),
                 Body.Peers: ("Peers", _PEERS),
                 Body.Goodbye: ("Goodbye", _GOODBYE),
+                Body.Query: ("Query", _QUERY),
+                Body.Answer: ("Answer", _ANSWER),
             },
             required=True,
         ),
@@ -246,6 +314,7 @@ def encode_hello(hello: LinkHello) -> bytes:
         C.AddSeq(b, c.seq)
         cursors.append(C.End(b))
     cursor_vector = _tables(b, cursors)
+    features = _strings(b, hello.features)
     L.Start(b)
     L.AddNode(b, _uuid(b, hello.node))
     L.AddIncarnation(b, hello.incarnation)
@@ -256,14 +325,80 @@ def encode_hello(hello: LinkHello) -> bytes:
     L.AddInterests(b, interests)
     L.AddCursors(b, cursor_vector)
     L.AddNonce(b, hello.nonce)
+    L.AddFeatures(b, features)
     return _finish(b, Body.LinkHello, L.End(b))
 
 
-def encode_heartbeat(acked: int) -> bytes:
-    b = flatbuffers.Builder(32)
+def encode_heartbeat(acked: int, ping: int = 0, pong: int = 0) -> bytes:
+    b = flatbuffers.Builder(48)
     H.Start(b)
     H.AddAcked(b, acked)
+    if ping:
+        H.AddPing(b, ping)
+    if pong:
+        H.AddPong(b, pong)
     return _finish(b, Body.Heartbeat, H.End(b))
+
+
+def encode_query(query: Query) -> bytes:
+    b = flatbuffers.Builder(128)
+    principal = b.CreateString(query.principal) if query.principal is not None else 0
+    reason = b.CreateString(query.reason) if query.reason else 0
+    Q.Start(b)
+    Q.AddId(b, query.id)
+    Q.AddKind(b, query.kind)
+    if principal:
+        Q.AddPrincipal(b, principal)
+    if query.session is not None:
+        Q.AddSession(b, _uuid(b, query.session))
+    Q.AddCode(b, query.code)
+    if reason:
+        Q.AddReason(b, reason)
+    return _finish(b, Body.Query, Q.End(b))
+
+
+def _encode_answer(id: int, more: bool, sessions: int, channels, closed) -> bytes:
+    b = flatbuffers.Builder(256)
+    counts = []
+    for channel, subscribers in channels:
+        name = b.CreateString(channel)
+        CC.Start(b)
+        CC.AddChannel(b, name)
+        CC.AddSubscribers(b, subscribers)
+        counts.append(CC.End(b))
+    count_vector = _tables(b, counts)
+    b.StartVector(16, len(closed), 8)
+    for session in reversed(closed):
+        _uuid(b, session)
+    closed_vector = b.EndVector()
+    A.Start(b)
+    A.AddId(b, id)
+    A.AddMore(b, more)
+    A.AddSessions(b, sessions)
+    A.AddChannels(b, count_vector)
+    A.AddClosed(b, closed_vector)
+    return _finish(b, Body.Answer, A.End(b))
+
+
+def encode_answers(id: int, budget: int, sessions: int = 0, channels=(), closed=()) -> list[bytes]:
+    """The Answer frames to query ``id``: ``channels`` ((name, subscribers) pairs) and ``closed``
+    split so that each frame stays within ``budget`` bytes; all but the last have ``more`` set."""
+    parts: list[tuple[list, list]] = []
+    part: tuple[list, list] = ([], [])
+    used = 0
+    for item, size in [(("c", c), len(c[0].encode("utf-8")) + 24) for c in channels] + [
+        (("s", s), 16) for s in closed
+    ]:
+        if used + size > budget and (part[0] or part[1]):
+            parts.append(part)
+            part, used = ([], []), 0
+        (part[0] if item[0] == "c" else part[1]).append(item[1])
+        used += size
+    parts.append(part)
+    return [
+        _encode_answer(id, i < len(parts) - 1, sessions, counts, ids)
+        for i, (counts, ids) in enumerate(parts)
+    ]
 
 
 # Routed frames are built for every event that crosses a link, so they are

@@ -10,3 +10,5 @@ class Body(object):
     Interest = 4
     Peers = 5
     Goodbye = 6
+    Query = 7
+    Answer = 8

@@ -35,8 +35,22 @@ class Heartbeat(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # Heartbeat
+    def Ping(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Heartbeat
+    def Pong(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def HeartbeatStart(builder):
-    builder.StartObject(1)
+    builder.StartObject(3)
 
 def Start(builder):
     HeartbeatStart(builder)
@@ -46,6 +60,18 @@ def HeartbeatAddAcked(builder, acked):
 
 def AddAcked(builder, acked):
     HeartbeatAddAcked(builder, acked)
+
+def HeartbeatAddPing(builder, ping):
+    builder.PrependUint64Slot(1, ping, 0)
+
+def AddPing(builder, ping):
+    HeartbeatAddPing(builder, ping)
+
+def HeartbeatAddPong(builder, pong):
+    builder.PrependUint64Slot(2, pong, 0)
+
+def AddPong(builder, pong):
+    HeartbeatAddPong(builder, pong)
 
 def HeartbeatEnd(builder):
     return builder.EndObject()

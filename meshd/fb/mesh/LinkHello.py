@@ -144,8 +144,28 @@ class LinkHello(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # LinkHello
+    def Features(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # LinkHello
+    def FeaturesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # LinkHello
+    def FeaturesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        return o == 0
+
 def LinkHelloStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(10)
 
 def Start(builder):
     LinkHelloStart(builder)
@@ -221,6 +241,18 @@ def LinkHelloAddNonce(builder, nonce):
 
 def AddNonce(builder, nonce):
     LinkHelloAddNonce(builder, nonce)
+
+def LinkHelloAddFeatures(builder, features):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(features), 0)
+
+def AddFeatures(builder, features):
+    LinkHelloAddFeatures(builder, features)
+
+def LinkHelloStartFeaturesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartFeaturesVector(builder, numElems):
+    return LinkHelloStartFeaturesVector(builder, numElems)
 
 def LinkHelloEnd(builder):
     return builder.EndObject()
