@@ -27,7 +27,7 @@ else:  # pragma: no cover
 
 DEFAULT_LISTEN = "tcp:8765:interface=127.0.0.1"
 #: Where `--demo` (or `[web] demo = true` without `[web] listen`) serves the demo page.
-DEFAULT_WEB_LISTEN = "tcp:8780:interface=127.0.0.1"
+DEFAULT_WEB_LISTEN = "tcp:8766:interface=127.0.0.1"
 #: The browser origins a node in development mode accepts unless ``allowed_origins`` is set: pages
 #: served from this machine (Autobahn matches ``scheme://host:port``, an IPv6 host without brackets).
 LOOPBACK_ORIGINS = (

@@ -62,7 +62,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["check-config", None, "Check the configuration as start-up would, print the problems, and exit (0: none)."],
-        ["demo", None, "Serve the demo page ([web] demo; on http://localhost:8780/ unless --web or [web] listen say where)."],
+        ["demo", None, "Serve the demo page ([web] demo; on http://localhost:8766/ unless --web or [web] listen say where)."],
     ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (see docs/configuration.md)."],
