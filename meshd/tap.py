@@ -416,7 +416,12 @@ def makeService(options: Options) -> "Application":
     uninstall_process_hooks()
     _hooks["fields"] = NodeFields(app.node_id, config.node_name).install()
     for module in config.modules:
-        app.load_extension(module)
+        try:
+            app.load_extension(module)
+        except Exception as e:
+            uninstall_process_hooks()
+            source = "--module" if module in options["modules"] else f"{config.source}: extensions.modules"
+            raise Refused([f"{source}: {module}: {_failed_at(e)}"])
     for endpoint in config.listen:
         app.listen(endpoint)
     if config.metrics_listen:
@@ -431,6 +436,15 @@ def makeService(options: Options) -> "Application":
         ReloadOnHangup(app).setServiceParent(app)
     _catch_startup_failures(config)
     return app
+
+
+def _failed_at(error: BaseException) -> str:
+    """An extension's failure in one line: what it raised, and the innermost place it was raised."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"setup(app) failed{where}: {type(error).__name__}: {error}"
 
 
 class ReloadOnHangup(Service):

@@ -289,6 +289,16 @@ class ProcessCheckTests(CheckTestCase):
             self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
             self.assertEqual(result.stdout, "")
 
+    def test_failing_extension_is_one_line(self) -> None:
+        """An extension whose setup(app) raises stops twistd with one line naming the module, where and what."""
+        path = self.write('[extensions]\nmodules = ["broken_extension"]\n')
+        (path.parent / "broken_extension.py").write_text("def setup(app):\n    raise ValueError('no database')\n")
+        result = twistd("--config", str(path), cwd=path.parent,
+                        extra_env={"PYTHONPATH": f"{path.parent}{os.pathsep}{env()['PYTHONPATH']}"})
+        self.assertOneLineRefusal(result, f"twistd meshd: {path}: extensions.modules: broken_extension: "
+                                          "setup(app) failed at broken_extension.py:2: ValueError: no database")
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
     def test_busy_port_is_one_line(self) -> None:
         """A WebSocket port in use stops the node with one log line naming websocket.listen, and exit status 1."""
         port = socket.socket()
