@@ -69,6 +69,8 @@ class Application(MultiService):
         self.config = config
         self.clock = clock
         self.node_id: UUID = config.node_id or uuid4()
+        #: Each ``ssl:`` listener's configuration key, endpoint and TLS (its files are read again on reload).
+        self._listener_tls: list = []
         #: What to log once every listener is up (the demo page's URL).
         self._announce: list[Callable[[], None]] = []
         self.registry = Registry()
@@ -124,7 +126,8 @@ class Application(MultiService):
         """Serve WebSocket clients on a server endpoint string (started with the app)."""
         from meshd.tls import listener
 
-        description, factory = listener(endpoint, self.factory)  # ssl: with AEAD suites only
+        description, factory, tls = listener(endpoint, self.factory)  # ssl: with AEAD suites only
+        self._reload_tls("websocket.listen", endpoint, tls)
         service = Listening(description, factory)
         service.setName(f"websocket:{endpoint}")
         service.setServiceParent(self)
@@ -143,7 +146,8 @@ class Application(MultiService):
         from meshd.tls import listener
         from meshd.web import WebSite
 
-        description, factory = listener(endpoint, WebSite(self, demo))
+        description, factory, tls = listener(endpoint, WebSite(self, demo))
+        self._reload_tls("web.listen", endpoint, tls)
         service = Listening(description, factory)
         service.setName(f"web:{endpoint}")
         service.setServiceParent(self)
@@ -160,6 +164,11 @@ class Application(MultiService):
 
         self._announce.append(announce)
 
+    def _reload_tls(self, key: str, endpoint: str, tls) -> None:
+        """A reload reads an ``ssl:`` listener's certificate files again (see :meth:`reload`)."""
+        if tls is not None:
+            self._listener_tls.append((key, endpoint, tls))
+
     def serve_metrics(self, endpoint: str) -> None:
         """Serve ``GET /metrics`` (Prometheus text format), ``/healthz`` and ``/readyz`` on a server endpoint string."""
         from meshd.metrics import MetricsSite
@@ -174,7 +183,8 @@ class Application(MultiService):
         from meshd.tls import listener
 
         site = ApiSite(self, keys, max_body_size=max_body_size)
-        description, factory = listener(endpoint, site)  # ssl: as listen's
+        description, factory, tls = listener(endpoint, site)  # ssl: as listen's
+        self._reload_tls("api.listen", endpoint, tls)
 
         def reload_keys(config: Config) -> None:  # a reload replaces [api] keys; the rest of [api] needs a restart
             if config.api is not None:
@@ -333,9 +343,10 @@ class Application(MultiService):
 
         Replaced: the rules, the static tokens and ``[auth.jwt]`` (a new
         authenticator: a key set is fetched again when a token next needs it),
-        ``node.drain_seconds``, ``[api] keys``, and the mesh certificates (read
+        ``node.drain_seconds``, ``[api] keys``, the mesh certificates (read
         again from ``mesh.ca``, ``cert`` and ``key``: new links use them, links
-        up stay).
+        up stay), and the certificates of ``ssl:`` listeners (new connections
+        use them).
         Any other key that changed is logged as needing a restart and keeps
         its value.  A file the node would refuse changes nothing, with one
         log line naming the file and the key.  Returns whether it was applied.
@@ -354,6 +365,13 @@ class Application(MultiService):
             credentials, problem = self._credentials_for(new)
             if problem:
                 problems = [problem]
+        listener_tls = []
+        if not problems and new is not None:
+            for key, endpoint, tls in self._listener_tls:
+                try:
+                    listener_tls.append((tls, tls.read()))
+                except Exception as e:
+                    problems.append(f"{self.config.source}: {key}: {endpoint!r}: cannot use its certificate: {e}")
         if problems or new is None:
             self.log.error("Reload refused, the settings in force stay: {problems}", problems="; ".join(problems))
             return False
@@ -372,12 +390,15 @@ class Application(MultiService):
             self.authenticator = self._authenticator_for(self.config)
         if credentials is not None:
             self.mesh.credentials.replace(credentials)
+        for tls, options in listener_tls:
+            tls.use(options)
         if restart:
             self.log.warn("Reload: {keys} changed in {source}; that needs a restart (the old values stay)",
                           keys=", ".join(restart), source=old.source)
-        self.log.info("Reloaded {source}: {rules} rules, {tokens} tokens{jwt}{mesh}", source=old.source,
+        self.log.info("Reloaded {source}: {rules} rules, {tokens} tokens{jwt}{mesh}{listeners}", source=old.source,
                       rules=len(new.rules), tokens=len(new.tokens), jwt=", [auth.jwt]" if new.jwt else "",
-                      mesh=", mesh certificates" if credentials is not None else "")
+                      mesh=", mesh certificates" if credentials is not None else "",
+                      listeners=f", {len(listener_tls)} TLS listener certificates" if listener_tls else "")
         for hook in list(self._reload_hooks):
             try:
                 hook(self.config)

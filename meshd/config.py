@@ -594,6 +594,8 @@ def check_endpoint(description: str) -> None:
         serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"not a valid endpoint {description!r}: {e}") from None
+    except Exception as e:  # an ssl: endpoint whose certificate or key cannot be read or used
+        raise ValueError(f"{description!r}: cannot use its certificate or key: {e}") from None
 
 
 def is_loopback(description: str) -> bool:

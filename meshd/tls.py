@@ -13,9 +13,13 @@ returned as they are.
 from __future__ import annotations
 
 import re
+from typing import Any, Optional
 
+from OpenSSL.SSL import Connection
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, Certificate, CertificateOptions, PrivateCertificate, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 #: The TLS 1.2 suites meshd accepts, on client listeners and mesh links.
 AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
@@ -32,11 +36,46 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def listener(description: str, factory):
-    """The endpoint description and factory that serve ``description`` (see the module)."""
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The TLS of one ``ssl:`` listener: its certificate, key and chain, which a reload reads again.
+
+    Each new connection uses what was read last; connections up keep theirs.
+    """
+
+    def __init__(self, cert: str, key: str, chain: Optional[str]) -> None:
+        self.files = (cert, key, chain)
+        self.options = self.read()
+
+    def read(self) -> CertificateOptions:
+        """The TLS options the files give now; raise if they cannot be read or do not match."""
+        cert, key, chain = self.files
+        own = PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key))
+        # The chain: extraCertChain's certificates, or those after the first in certKey (a fullchain file).
+        chain_pems = _PEM_CERTIFICATE.findall(_read(chain)) if chain else _PEM_CERTIFICATE.findall(_read(cert))[1:]
+        extra = [Certificate.loadPEM(pem).original for pem in chain_pems]
+        return CertificateOptions(
+            privateKey=own.privateKey.original,
+            certificate=own.original,
+            extraCertChain=extra or None,
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(AEAD_CIPHERS),
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
+
+    def use(self, options: CertificateOptions) -> None:
+        """Serve new connections with ``options`` (from :meth:`read`)."""
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol) -> Connection:
+        return Connection(self.options.getContext(), None)
+
+
+def listener(description: str, factory) -> "tuple[str, Any, Optional[ServerTLS]]":
+    """The endpoint description and factory that serve ``description`` (see the module), and the
+    listener's :class:`ServerTLS` (None for other than ``ssl:``)."""
     parts = _split(description)
     if parts[0].lower() != "ssl":
-        return description, factory
+        return description, factory, None
     options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
     positional = [p for p in parts[1:] if "=" not in p]
     port = options.pop("port", None) or (positional[0] if positional else "443")
@@ -45,16 +84,6 @@ def listener(description: str, factory):
     chain = options.pop("extraCertChain", None)
     options.pop("sslmethod", None)  # TLS 1.2 or newer, whatever it says
     options.pop("dhParameters", None)  # ECDHE only: no finite-field Diffie-Hellman
-    own = PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key))
-    # The chain: extraCertChain's certificates, or those after the first in certKey (a fullchain file).
-    chain_pems = _PEM_CERTIFICATE.findall(_read(chain)) if chain else _PEM_CERTIFICATE.findall(_read(cert))[1:]
-    extra = [Certificate.loadPEM(pem).original for pem in chain_pems]
-    tls = CertificateOptions(
-        privateKey=own.privateKey.original,
-        certificate=own.original,
-        extraCertChain=extra or None,
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(AEAD_CIPHERS),
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-    )
+    tls = ServerTLS(cert, key, chain)
     tcp = ":".join(["tcp", port, *(f"{k}={v.replace(':', chr(92) + ':')}" for k, v in options.items())])
-    return tcp, TLSMemoryBIOFactory(tls, False, factory)
+    return tcp, TLSMemoryBIOFactory(tls, False, factory), tls

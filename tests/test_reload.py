@@ -144,6 +144,44 @@ class ReloadTests(NodeTestCase):
         self.assertEqual(serial(), renewed)
         self.assertTrue(any("Reload refused" in line and "mesh.cert" in line for line in lines(self.logged)))
 
+    async def test_listener_certificates_are_read_again(self) -> None:
+        """After a reload an ssl: listener presents its renewed certificate to new connections; a file
+        that cannot be used refuses the reload, naming the key, and the certificate in use stays."""
+        from meshd.mesh.certs import create_ca
+
+        certs = Path(self.mktemp()).resolve()
+        create_ca(certs, "web")
+        issue_node(certs, "web", ["127.0.0.1"])
+        endpoint = f"ssl:0:interface=127.0.0.1:privateKey={certs / 'web.key'}:certKey={certs / 'web.pem'}"
+        text = f'[websocket]\nlisten = ["{endpoint}"]\n' + RULES.format(extra="")
+        app = await self.start(text)
+        app.listen(endpoint)
+        [(key, _, tls)] = app._listener_tls
+
+        def serial() -> int:
+            # What the listener presents to the next connection.
+            return tls.serverConnectionForTLS(None).get_certificate().get_serial_number()
+
+        before = serial()
+        cert, new_key = issue_node(certs, "web-renewed", ["127.0.0.1"])
+        (certs / "web.pem").write_bytes(cert.read_bytes())
+        (certs / "web.key").write_bytes(new_key.read_bytes())
+        self.assertTrue(app.reload())
+        renewed = serial()
+        self.assertNotEqual(renewed, before)
+        self.assertTrue(any("1 TLS listener certificates" in line for line in lines(self.logged)))
+        (certs / "web.key").write_text("not a key")
+        self.assertFalse(app.reload())
+        self.assertEqual(serial(), renewed)
+        self.assertTrue(any("Reload refused" in line and "websocket.listen" in line and "cannot use its certificate"
+                            in line for line in lines(self.logged)), lines(self.logged))
+        # The key read again, but not the certificate it belongs with: refused by the listener's own check.
+        (certs / "web.key").write_bytes(new_key.read_bytes())
+        other, _ = issue_node(certs, "web-other", ["127.0.0.1"])
+        (certs / "web.pem").write_bytes(other.read_bytes())
+        self.assertFalse(app.reload())
+        self.assertEqual(serial(), renewed)
+
     async def test_api_keys_are_replaced(self) -> None:
         """A reload replaces the server HTTP API's keys; a changed api.listen needs a restart."""
         api = '[api]\nlisten = "{listen}"\nkeys = {{ops = "{key}"}}\n'

@@ -71,7 +71,7 @@ class ClientTLSSuitesTests(NodeTestCase):
         create_ca(certs, "web")
         issue_node(certs, "web", ["127.0.0.1"])
         app = await self.start_node()
-        description, factory = listener(
+        description, factory, _tls = listener(
             f"ssl:0:interface=127.0.0.1:privateKey={certs / 'web.key'}:certKey={certs / 'web.pem'}", app.factory)
         self.assertTrue(description.startswith("tcp:0:"), description)
         port = await serverFromString(reactor, description).listen(factory)
