@@ -146,6 +146,11 @@ class NodeCollector(Collector):
             family.add_metric([node], value)
             return family
 
+        def histogram(name: str, text: str, values: Histogram):
+            family = HistogramMetricFamily(name, text, labels=["node"])
+            family.add_metric([node], values.buckets(), values.sum)
+            return family
+
         def by(kind, name: str, text: str, label: str, values: Iterable[tuple[str, float]]):
             family = kind(name, text, labels=["node", label])
             for key, value in values:
@@ -183,13 +188,11 @@ class NodeCollector(Collector):
                       m.hello_timeouts)
         yield by(CounterMetricFamily, "meshd_errors_total", "Error frames sent, by error code.", "code",
                  [(error_code_name(code), count) for code, count in sorted(m.errors.items())])
-        turns = HistogramMetricFamily(
+        yield histogram(
             "meshd_turn_seconds",
             "Per reactor turn with client frames: from the first frame read to the end of the turn's flush.",
-            labels=["node"],
+            m.turns,
         )
-        turns.add_metric([node], m.turns.buckets(), m.turns.sum)
-        yield turns
         mesh = app.mesh
         if mesh is None:
             return
@@ -203,13 +206,11 @@ class NodeCollector(Collector):
                 states[state] += 1
         yield by(GaugeMetricFamily, "meshd_mesh_link_states", "Live mesh connections, by state.", "state",
                  states.items())
-        rtt = HistogramMetricFamily(
+        yield histogram(
             "meshd_mesh_link_rtt_seconds",
             "Mesh links' round-trip times: a Heartbeat's ping to its answer (one a heartbeat_interval per link).",
-            labels=["node"],
+            m.mesh_rtt,
         )
-        rtt.add_metric([node], m.mesh_rtt.buckets(), m.mesh_rtt.sum)
-        yield rtt
         yield by(GaugeMetricFamily, "meshd_mesh_link_rtt_last_seconds",
                  "Each open link's last measured round-trip time.", "peer",
                  sorted((str(p.node), p.link.rtt) for p in mesh.peers.values()
