@@ -163,6 +163,17 @@ class MetricsTests(MeshTestCase):
         self.assertEqual(sample(text0, "meshd_mesh_routed_sent_total", node=node), 1)
         self.assertEqual(sample(text1, "meshd_mesh_routed_received_total", node=peer), 1)
 
+    async def test_link_round_trips(self) -> None:
+        """Each open link's round trip shows once a heartbeat's ping has been answered, in the histogram too."""
+        n0, n1 = await self.cluster_of(2)
+        port = await self.serve(n0.app)
+        await self.wait_for(lambda: n0.mesh.peers[n1.app.node_id].link.rtt is not None, "a measured round trip")
+        _, text = await self.get(port)
+        node, peer = str(n0.app.node_id), str(n1.app.node_id)
+        last = sample(text, "meshd_mesh_link_rtt_last_seconds", node=node, peer=peer)
+        self.assertTrue(0 <= last < 1.0, last)
+        self.assertGreaterEqual(sample(text, "meshd_mesh_link_rtt_seconds_count", node=node), 1)
+
     async def test_handshaking_link(self) -> None:
         """A connection that has not said its LinkHello yet counts as handshaking, not as a link."""
         (n0,) = await self.cluster_of(1)
