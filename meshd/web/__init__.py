@@ -122,6 +122,9 @@ class WebSite(server.Site):
     def getResourceFor(self, request) -> Resource:
         for name, value in _HEADERS.items():
             request.setHeader(name, value)
+        if request.path.startswith(b"/static/"):
+            # Pages of other origins may import the client as a module script.
+            request.setHeader(b"access-control-allow-origin", b"*")
         return super().getResourceFor(request)
 
     def log(self, request) -> None:
