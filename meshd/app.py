@@ -71,6 +71,8 @@ class Application(MultiService):
         self.node_id: UUID = config.node_id or uuid4()
         #: Each ``ssl:`` listener's configuration key, endpoint and TLS (its files are read again on reload).
         self._listener_tls: list = []
+        #: Counts the nodes with subscribers per channel, once an extension asks (on_channel_occupied).
+        self.occupancy = None
         #: What to log once every listener is up (the demo page's URL).
         self._announce: list[Callable[[], None]] = []
         self.registry = Registry()
@@ -273,6 +275,8 @@ class Application(MultiService):
     def _stop_children(self, stopped: list) -> Deferred:
         """Stop the services not stopped yet, the last one added first (as MultiService does)."""
         self.limits.stop()
+        if self.occupancy is not None:
+            self.occupancy.stop()
         children = [s for s in reversed(list(self)) if s not in stopped]
         metrics = [s for s in children if (s.name or "").startswith("metrics:")]
         others = [s for s in children if s not in metrics]
@@ -327,6 +331,29 @@ class Application(MultiService):
         drained, self._drained = self._drained, None
         if drained is not None:
             drained.callback(None)
+
+    # -- occupancy ----------------------------------------------------------------
+
+    def on_channel_occupied(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(channel)`` once when a channel gets its first subscriber anywhere in the cluster
+        (meshd.occupancy)."""
+        self._occupancy().occupied_hooks.append(hook)
+
+    def on_channel_vacated(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(channel)`` once when a channel has had no subscriber anywhere in the cluster for
+        ``meshd.occupancy.VACATE_GRACE`` seconds."""
+        self._occupancy().vacated_hooks.append(hook)
+
+    def _occupancy(self):
+        """The occupancy tracker, made on first use: a node without hooks does not count."""
+        if self.occupancy is None:
+            from meshd.occupancy import Occupancy
+
+            self.occupancy = Occupancy(self.node_id, self.registry, self.clock,
+                                       linked=self.mesh.linked if self.mesh is not None else tuple)
+            if self.mesh is not None:
+                self.mesh.observe_interest(self.occupancy.peer_changed)
+        return self.occupancy
 
     # -- reload -------------------------------------------------------------------
 

@@ -162,6 +162,8 @@ class Mesh(MultiService):
         self.dialers: dict[str, ClientService] = {}
         #: Every live connection, handshaking or open.
         self.links: set[Link] = set()
+        #: Told of each change of a peer's interest: ``observer(node, channel, present)``.
+        self._interest_observers: list[Callable[[UUID, str, bool], None]] = []
         #: This turn's changes of channel interest, sent at its end (EndOfTurn.ANNOUNCE).
         self._pending_interest: dict[str, bool] = {}
         turn.register(EndOfTurn.ANNOUNCE, self._flush_interest)
@@ -644,6 +646,8 @@ class Mesh(MultiService):
             if channel in interests:
                 interests.remove(channel)
                 peer.interest_bytes -= len(channel.encode("utf-8"))
+                for observer in self._interest_observers:
+                    observer(peer.node, channel, False)
         try:
             self._add_interest(peer, interest.add)
             self._check_interest(len(interests), peer.interest_bytes)
@@ -658,6 +662,8 @@ class Mesh(MultiService):
             if channel not in interests:
                 interests.add(channel)
                 peer.interest_bytes += len(channel.encode("utf-8"))
+                for observer in self._interest_observers:
+                    observer(peer.node, channel, True)
 
     def _check_interest(self, channels: int, size: int) -> None:
         """Raise :class:`~meshd.mesh.link.Violation` if a peer's interest is past the bounds."""
@@ -669,8 +675,23 @@ class Mesh(MultiService):
                             f"(mesh.max_peer_interest_bytes)")
 
     def _free_interest(self, peer: PeerState) -> None:
-        peer.interests = set()
+        freed, peer.interests = peer.interests, set()
         peer.interest_bytes = 0
+        for observer in self._interest_observers:
+            for channel in freed:
+                observer(peer.node, channel, False)
+
+    def observe_interest(self, observer: Callable[[UUID, str, bool], None]) -> None:
+        """Call ``observer(node, channel, present)`` when a peer gains interest in a channel or loses it
+        (it is first told of the interest held now)."""
+        self._interest_observers.append(observer)
+        for peer in self.peers.values():
+            for channel in peer.interests:
+                observer(peer.node, channel, True)
+
+    def linked(self) -> list[UUID]:
+        """The nodes linked with this one now."""
+        return [peer.node for peer in self.peers.values() if peer.link is not None and peer.link.is_open]
 
     # -- routing --------------------------------------------------------------------
 
