@@ -486,6 +486,7 @@ def node_info(app: "Application", started: float) -> dict:
             "peers": [
                 {
                     "id": str(peer.node),
+                    "name": peer.name,
                     "address": peer.address,
                     "link": peer.link.state if peer.link is not None else None,
                     "linked_once": peer.linked,
@@ -702,9 +703,10 @@ OPENAPI: dict = {
                         "properties": {
                             "cluster": {"type": "string"}, "advertise": {"type": "string"},
                             "peers": {"type": "array", "items": {
-                                "type": "object", "required": ["id", "address", "link", "linked_once"],
+                                "type": "object", "required": ["id", "name", "address", "link", "linked_once"],
                                 "additionalProperties": False,
-                                "properties": {"id": _UUID, "address": {"type": ["string", "null"]},
+                                "properties": {"id": _UUID, "name": {"type": "string"},
+                                               "address": {"type": ["string", "null"]},
                                                "link": {"type": ["string", "null"]},
                                                "linked_once": {"type": "boolean"}}}},
                             "links": {"type": "array", "items": {

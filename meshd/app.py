@@ -213,6 +213,7 @@ class Application(MultiService):
             registry=self.registry,
             deliver=self.delivery.deliver_routed,
             answer=self.answer_query,
+            node_name=self.config.node_name,
         )
         mesh.setServiceParent(self)
         return mesh

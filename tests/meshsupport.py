@@ -97,6 +97,7 @@ class MeshTestCase(NodeTestCase):
                               name: str = "", **config) -> Node:
         """A node with these mesh settings; its id is the one its certificate names, unless given."""
         node_id = node_id or certified_id(settings.cert)
+        config.setdefault("node_name", name)
         app = Application(Config(source=Path("test.toml"), rules=_ALLOW_ALL, node_id=node_id, mesh=settings, **config))
         app.startService()
         self.addCleanup(app.stopService)

@@ -283,8 +283,8 @@ class ReadTests(ApiTestCase):
         status, answer, _ = await self.call("GET", "/api/info")
         self.assertEqual(status, 200)
         peers = answer["mesh"]["peers"]
-        self.assertEqual([(p["id"], p["link"], p["linked_once"]) for p in peers],
-                         [(str(second.app.node_id), "open", True)])
+        self.assertEqual([(p["id"], p["name"], p["link"], p["linked_once"]) for p in peers],
+                         [(str(second.app.node_id), "n1", "open", True)])
         self.assertEqual(answer["mesh"]["cluster"], "test")
         status, answer, _ = await self.call("GET", "/api/channels")
         self.assertEqual(status, 200)

@@ -130,6 +130,6 @@ class WireTests(unittest.TestCase):
         self.assertEqual([s for a in answers for s in a.closed], closed)
 
     def test_features_in_the_hello(self) -> None:
-        hello = LinkHello(node=uuid4(), cluster="c", version=1, features=("query",))
-        self.assertEqual(decode(encode_hello(hello)).features, ("query",))
+        hello = LinkHello(node=uuid4(), cluster="c", version=1, features=("query",), name="edge-1")
+        self.assertEqual(decode(encode_hello(hello)), hello)
         self.assertEqual(decode(encode_hello(LinkHello(node=uuid4(), cluster="c"))).features, ())

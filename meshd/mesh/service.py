@@ -98,7 +98,7 @@ class PeerState:
 
     __slots__ = (
         "node", "address", "incarnation", "link", "interests", "interest_bytes", "outbox", "received_seq",
-        "sent_seq", "linked", "down_since", "dial_started", "last_tried", "features",
+        "sent_seq", "linked", "down_since", "dial_started", "last_tried", "features", "name",
     )
 
     def __init__(self, node: UUID, address: Optional[str], outbox: Outbox, now: float) -> None:
@@ -116,6 +116,7 @@ class PeerState:
         self.dial_started: Optional[float] = None  # never linked: when this turn of dialing it began
         self.last_tried = 0.0  # never linked: when its last turn of dialing ended
         self.features: frozenset[str] = frozenset()  # what its LinkHello said it understands
+        self.name = ""  # its [node] name, as its last LinkHello said
 
 
 class Mesh(MultiService):
@@ -135,6 +136,7 @@ class Mesh(MultiService):
         registry: "Registry",
         deliver: Callable[[Routed], int],
         answer: "Optional[Answerer]" = None,
+        node_name: str = "",
     ) -> None:
         super().__init__()
         self.setName("mesh")
@@ -144,6 +146,7 @@ class Mesh(MultiService):
         self.credentials = credentials
         self.clock = clock  # a reactor: it also listens, resolves and connects
         self.node_id = node_id
+        self.node_name = node_name
         self.metrics = metrics
         self.turn = turn
         self.registry = registry
@@ -276,6 +279,7 @@ class Mesh(MultiService):
             version=MESH_VERSION,
             address=self.advertise,
             features=FEATURES if self._answer is not None else (),
+            name=self.node_name,
             cursors=tuple(
                 Cursor(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
             ),
@@ -401,6 +405,7 @@ class Mesh(MultiService):
         peer.link = link
         peer.linked = True
         peer.features = frozenset(hello.features)
+        peer.name = hello.name
         peer.dial_started = None
         if told and told != peer.address and told not in self.settings.seeds:
             self._park_unless_shared(told)  # it is elsewhere: its turn of dialing there ends

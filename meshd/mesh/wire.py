@@ -72,6 +72,7 @@ class LinkHello:
     cursors: tuple[Cursor, ...] = ()
     nonce: int = 0
     features: tuple[str, ...] = ()
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ _HELLO = fv.Table(
         fv.Field("cursors", fv.TABLES, _CURSOR),
         fv.Field("nonce", fv.U64),
         fv.Field("features", fv.STRINGS),
+        fv.Field("name", fv.STRING),
     ),
     _make(LinkHello, ("peers", "interests", "cursors", "features")),
 )
@@ -315,6 +317,7 @@ def encode_hello(hello: LinkHello) -> bytes:
         cursors.append(C.End(b))
     cursor_vector = _tables(b, cursors)
     features = _strings(b, hello.features)
+    name = b.CreateString(hello.name) if hello.name else 0
     L.Start(b)
     L.AddNode(b, _uuid(b, hello.node))
     L.AddIncarnation(b, hello.incarnation)
@@ -326,6 +329,8 @@ def encode_hello(hello: LinkHello) -> bytes:
     L.AddCursors(b, cursor_vector)
     L.AddNonce(b, hello.nonce)
     L.AddFeatures(b, features)
+    if name:
+        L.AddName(b, name)
     return _finish(b, Body.LinkHello, L.End(b))
 
 

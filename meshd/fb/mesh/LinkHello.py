@@ -164,8 +164,15 @@ class LinkHello(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
         return o == 0
 
+    # LinkHello
+    def Name(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def LinkHelloStart(builder):
-    builder.StartObject(10)
+    builder.StartObject(11)
 
 def Start(builder):
     LinkHelloStart(builder)
@@ -253,6 +260,12 @@ def LinkHelloStartFeaturesVector(builder, numElems):
 
 def StartFeaturesVector(builder, numElems):
     return LinkHelloStartFeaturesVector(builder, numElems)
+
+def LinkHelloAddName(builder, name):
+    builder.PrependUOffsetTRelativeSlot(10, flatbuffers.number_types.UOffsetTFlags.py_type(name), 0)
+
+def AddName(builder, name):
+    LinkHelloAddName(builder, name)
 
 def LinkHelloEnd(builder):
     return builder.EndObject()

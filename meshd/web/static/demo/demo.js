@@ -539,7 +539,9 @@ function renderCluster(cluster) {
   setText('count-links', mesh ? String(peers.filter((p) => p.link === 'open').length) : '–');
   setText('mesh-name', mesh ? `cluster “${mesh.cluster}” · mesh address ${mesh.advertise}` : 'no mesh');
   const peerRows = peers.map((peer) => el('tr', { 'data-testid': 'peer', 'data-peer': peer.id, 'data-link': peer.link || 'down' },
-    el('td', { class: 'nowrap' }, el('code', { class: 'id', title: peer.id, text: shortId(peer.id) }), el('span', { class: 'here-tag', text: 'your session' })),
+    el('td', { class: 'nowrap' },
+      peer.name ? el('strong', { class: 'peer-name', text: `${peer.name} ` }) : false,
+      el('code', { class: 'id', title: peer.id, text: shortId(peer.id) }), el('span', { class: 'here-tag', text: 'your session' })),
     el('td', { class: 'nowrap' }, el('code', { text: peer.address || '?' })),
     el('td', { class: 'nowrap', title: peer.link ? `link ${peer.link}` : peer.linked_once ? 'no link now; it was linked before' : 'never linked yet' },
       linkBadge(peer.link))));
