@@ -5,6 +5,12 @@ Events are printed to standard output as JSON lines; status goes to
 standard error.  Exit status: 0 done, 1 the node refused a request (or
 ``check-config`` found problems, one line each), 2 bad usage, 3 the node
 could not be reached or closed the connection.
+
+``sub`` and ``watch`` reconnect (meshd.client.ReconnectingClient): after a
+cut they say so on standard error, subscribe or watch again, say so again
+("subscribed to chat, news"), and go on printing events, however long the
+node is away; with ``--retry-for SECONDS`` they give up (exit 3) after that
+long without a connection.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -21,7 +28,8 @@ from uuid import UUID, uuid4
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from meshd.client import ConnectionClosed, EventStream, MeshClient, MeshError, connect
+from meshd.client import ConnectionClosed, EventStream, MeshError, ReconnectingClient, StateChange, connect
+from meshd.clientcore import CONNECTED, DISCONNECTED, describe_keys
 from meshd.codec import Message, Watchable, event_type_name, opcode_name
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -59,7 +67,9 @@ def _describe(event: Message, out: dict[str, Any]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=DEFAULT_URL, help=f"node WebSocket URL (default {DEFAULT_URL})")
+    common.add_argument("--url", action="append", metavar="URL",
+                        help=f"node WebSocket URL (default {DEFAULT_URL}); sub and watch take several, "
+                             "tried in turn when reconnecting (the others use the first)")
     common.add_argument("--token", help="authenticate with this token")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the node")
     common.add_argument("--ca", type=Path, metavar="FILE",
@@ -73,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("sub", parents=[common], help="subscribe and print events")
     sub.add_argument("channels", nargs="+", metavar="CHANNEL")
     sub.add_argument("--count", type=int, help="exit after this many events")
+    sub.add_argument("--retry-for", type=float, default=math.inf, metavar="SECONDS",
+                     help="after a cut, reconnect for this long before giving up (exit 3); "
+                          "0: exit at once, negative or inf: never give up (the default)")
 
     pub = commands.add_parser("pub", parents=[common], help="publish one message")
     pub.add_argument("channel", metavar="CHANNEL")
@@ -110,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
     watch.add_argument("kind", metavar="KIND")
     watch.add_argument("id", metavar="ID")
     watch.add_argument("--count", type=int, help="exit after this many events")
+    watch.add_argument("--retry-for", type=float, default=math.inf, metavar="SECONDS",
+                       help="after a cut, reconnect for this long before giving up (exit 3); "
+                            "0: exit at once, negative or inf: never give up (the default)")
     return top
 
 
@@ -143,20 +159,6 @@ def status(text: str) -> None:
     print(f"meshctl: {text}", file=sys.stderr, flush=True)
 
 
-async def _print_events(client: MeshClient, stream: EventStream, count: Optional[int]) -> int:
-    if count is not None and count <= 0:
-        return 0
-    seen = 0
-    async for event in stream:
-        print(json.dumps(event_json(event)), flush=True)
-        seen += 1
-        if count is not None and seen >= count:
-            await client.close()
-            return 0
-    status(f"the node closed the connection: {client.closed_reason}")
-    return 3
-
-
 def tls_options(url: str, ca: Optional[Path]):
     """The TLS options to reach ``url`` with: None (the system's trust roots) without ``ca``,
     else a check against the CA certificates in the PEM file ``ca``.  Raises ``ValueError``."""
@@ -183,18 +185,22 @@ def tls_options(url: str, ca: Optional[Path]):
 
 
 async def run(reactor, args: argparse.Namespace) -> int:
+    args.urls = args.url or [DEFAULT_URL]
     try:
-        tls = tls_options(args.url, args.ca)
+        tls = {url: tls_options(url, args.ca) for url in args.urls}
     except ValueError as e:
         status(str(e))
         return 2
+    if args.command in ("sub", "watch"):
+        return await Follower(reactor, args, tls).run()
+    url = args.urls[0]
     try:
-        client = await connect(args.url, args.token, reactor=reactor, timeout=args.timeout, tls_options=tls)
+        client = await connect(url, args.token, reactor=reactor, timeout=args.timeout, tls_options=tls[url])
     except MeshError as e:
         status(f"the node refused the session: {e}")
         return 1
     except Exception as e:  # refused, unreachable, timed out, handshake failed
-        status(f"cannot reach {args.url}: {e}")
+        status(f"cannot reach {url}: {e}")
         return 3
     try:
         if args.command == "call":
@@ -205,27 +211,101 @@ async def run(reactor, args: argparse.Namespace) -> int:
                 payload=args.data.encode("utf-8", "surrogateescape"),
             )
             print(json.dumps(answer_json(answer)), flush=True)
-            await client.close()
-            return 0
-        if args.command == "pub":
-            await client.publish(args.channel, args.data.encode("utf-8", "surrogateescape"), exclude_self=args.exclude_self)
-            await client.close()
-            return 0
-        # Listen before asking, so that no event between the Ack and the loop is lost.
-        stream = client.events()
-        if args.command == "sub":
-            for channel in args.channels:
-                await client.subscribe(channel)
-            status(f"subscribed to {', '.join(args.channels)}")
         else:
-            await client.watch(args.kind, args.id)
-            status(f"watching {args.kind}/{args.id}")
-        return await _print_events(client, stream, args.count)
+            await client.publish(args.channel, args.data.encode("utf-8", "surrogateescape"),
+                                 exclude_self=args.exclude_self)
+        await client.close()
+        return 0
     except MeshError as e:
         status(str(e))
         return 1
     except ConnectionClosed as e:
         status(str(e))
+        return 3
+
+
+class Follower:
+    """``meshctl sub`` and ``meshctl watch``: print events until ``--count``, across reconnects."""
+
+    def __init__(self, reactor, args: argparse.Namespace, tls: dict) -> None:
+        self.reactor = reactor
+        self.args = args
+        self.client = ReconnectingClient(args.urls, args.token, reactor=reactor, initial_delay=0.5, max_delay=5.0,
+                                         handshake_timeout=args.timeout, tls_options=lambda url: tls[url])
+        self.connected_once = False
+        self.gave_up: Optional[str] = None
+        self._give_up_call = None
+
+    def held(self) -> str:
+        """The status line saying what is held, as after the first subscribe or watch."""
+        if self.args.command == "sub":
+            return f"subscribed to {', '.join(self.client.channels)}"
+        return f"watching {describe_keys(self.client.watchables)}"
+
+    def changed(self, change: StateChange) -> None:
+        if not self.connected_once:
+            return
+        if change.state == DISCONNECTED:
+            status(change.describe())
+            retry_for = self.args.retry_for
+            if change.retry and self._give_up_call is None and not (retry_for < 0 or math.isinf(retry_for)):
+                self._give_up_call = self.reactor.callLater(max(0.0, retry_for), self.give_up)
+        elif change.state == CONNECTED:
+            if self._give_up_call is not None and self._give_up_call.active():
+                self._give_up_call.cancel()
+            self._give_up_call = None
+            for key, error in change.dropped:
+                status(f"refused again after reconnecting: {describe_keys([key])}: {error}")
+            status(f"reconnected to {change.url}; {self.held()}")
+
+    def give_up(self) -> None:
+        self.gave_up = f"gave up: no connection for {self.args.retry_for:g} s"
+        self.client.close()
+
+    async def run(self) -> int:
+        args, client = self.args, self.client
+        client.add_state_listener(self.changed)
+        # Listen before asking, so that no event between the Ack and the loop is lost.
+        stream = client.events()
+        client.startService()
+        try:
+            # Each URL once: a node that cannot be reached at start is reported, not waited for.
+            await client.when_connected(fail_after_failures=len(args.urls)).addTimeout(args.timeout, self.reactor)
+        except MeshError as e:
+            await client.close()
+            status(f"the node refused the session: {e}")
+            return 1
+        except Exception as e:  # refused, unreachable, timed out, handshake failed
+            await client.close()
+            status(f"cannot reach {client.url}: {e}")
+            return 3
+        self.connected_once = True
+        try:
+            if args.command == "sub":
+                for channel in args.channels:
+                    await client.subscribe(channel)
+            else:
+                await client.watch(args.kind, args.id)
+        except (MeshError, ConnectionClosed) as e:
+            await client.close()
+            status(str(e))
+            return 1 if isinstance(e, MeshError) else 3
+        status(self.held())
+        return await self.print_events(stream)
+
+    async def print_events(self, stream: EventStream) -> int:
+        count = self.args.count
+        if count is not None and count <= 0:
+            await self.client.close()
+            return 0
+        seen = 0
+        async for event in stream:
+            print(json.dumps(event_json(event)), flush=True)
+            seen += 1
+            if count is not None and seen >= count:
+                await self.client.close()
+                return 0
+        status(self.gave_up or f"stopped: {self.client.closed_reason}")
         return 3
 
 

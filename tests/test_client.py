@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
 
 from meshd.client import ConnectionClosed, MeshError, connect
@@ -47,8 +48,27 @@ class ClientTests(NodeTestCase):
         await self.start_node()
         c = await self.client()
         pending = c.request(Opcode.Ping)
-        c._protocol.transport.abortConnection()
+        c.abort()
         with self.assertRaises(ConnectionClosed):
             await pending
         with self.assertRaises(ConnectionClosed):
             await c.subscribe("x")
+
+    async def test_user_opcode_without_handler(self) -> None:
+        """call() sends a user opcode; with no extension handling it the node answers UnknownOpcode."""
+        await self.start_node()
+        c = await self.client()
+        with self.assertRaises(MeshError) as caught:
+            await c.call(Opcode.UserFirst, b"x")
+        self.assertEqual((caught.exception.code, caught.exception.name), (ErrorCode.UnknownOpcode, "UnknownOpcode"))
+        self.assertEqual(c.welcome.session, c.session_id)
+
+    async def test_cancelled_request_is_forgotten(self) -> None:
+        """A cancelled request's answer is ignored, and the session goes on."""
+        await self.start_node()
+        c = await self.client()
+        first = c.ping(b"first")
+        first.cancel()
+        with self.assertRaises(CancelledError):
+            await first
+        self.assertEqual((await c.ping(b"second")).payload, b"second")

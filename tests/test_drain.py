@@ -208,7 +208,7 @@ class ProcessDrainTests(unittest.TestCase):
         node = NodeProcess("--config", str(config), cwd=cwd)
         self.addCleanup(node.stop)
         node.wait_listening()
-        subs = [Background("sub", "x", "--url", node.url) for _ in range(3)]
+        subs = [Background("sub", "x", "--url", node.url, "--retry-for", "0") for _ in range(3)]
         for sub in subs:
             self.addCleanup(sub.kill)
             sub.wait_status("subscribed")

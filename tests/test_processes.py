@@ -103,7 +103,7 @@ class PubSubTests(ProcessTestCase):
         twistd ends by re-raising the signal that stopped it, as systemd expects.
         """
         node = self.node()
-        sub = self.background("sub", "x", "--url", node.url)
+        sub = self.background("sub", "x", "--url", node.url, "--retry-for", "0")
         sub.wait_status("subscribed")
         node.proc.terminate()
         self.assertEqual(node.proc.wait(20), -signal.SIGTERM)
