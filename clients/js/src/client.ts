@@ -145,7 +145,7 @@ interface WatchEntry {
 }
 
 /** Close codes after which the client does not reconnect (see README.md; the same as the Python clients). */
-const NO_RETRY_CODES = new Set([1002, 1003, 4003]);
+const NO_RETRY_CODES = new Set([1002, 1003, 4003, 4006]);
 /** The session's token expired: reconnect only when the token callback can give a new one. */
 const TOKEN_EXPIRED = 4005;
 /** Seconds of random wait, at most, before reconnecting after a drain (4007). */

@@ -106,7 +106,7 @@ describe('a node with a configuration file', () => {
     assert.equal(h.events.length, 2);
   });
 
-  test('close code 4006 (disconnected by the server): reconnect with backoff', async () => {
+  test('close code 4006 (disconnected by the server): stop, and connect() again when the application wants', async () => {
     const c = makeClient({ url: node.url, token: 'alice-secret', reconnect: { initialDelay: 0.05, maxDelay: 0.1 } });
     const states = recordStates(c);
     const errors = [];
@@ -115,13 +115,14 @@ describe('a node with a configuration file', () => {
     const h = collector();
     await c.subscribe('private.kick', h);
     await api(node, '/api/disconnect', { session: w.session }, API_KEY);
-    await waitFor(() => c.state === 'connected' && c.welcome.session !== w.session, 'a new session');
-    assert.deepEqual(states.names(), ['connecting', 'connected', 'disconnected', 'connecting', 'connected']);
+    await waitFor(() => c.state === 'closed', 'the client to stop');
+    assert.deepEqual(states.names(), ['connecting', 'connected', 'closed']);
     assert.equal(states[2].code, 4006);
-    assert.ok(states[2].delay > 0);
-    await c.publish('private.kick', 'back');
+    assert.deepEqual(errors.map((e) => [e.name, e.code]), [['ConnectionClosedError', 4006]]);
+    const again = await c.connect();
+    assert.notEqual(again.session, w.session);
+    await c.publish('private.kick', 'back');  // subscribed again by connect()
     await h.waitFor(1);
-    assert.deepEqual(errors, []);
   });
 
   test('Refresh before the JWT expires keeps the session open; without it the node closes with 4005', async () => {

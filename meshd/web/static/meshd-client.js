@@ -1192,7 +1192,7 @@ function base64UrlDecode(part) {
 // src/client.ts
 var SUBPROTOCOL = "meshd.v1";
 var PROTOCOL_VERSION = 1;
-var NO_RETRY_CODES = /* @__PURE__ */ new Set([1002, 1003, 4003]);
+var NO_RETRY_CODES = /* @__PURE__ */ new Set([1002, 1003, 4003, 4006]);
 var TOKEN_EXPIRED = 4005;
 var DRAIN_JITTER = 0.2;
 var AT_ONCE_CODES = /* @__PURE__ */ new Set([1e3, 4007]);
