@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import ROOT, NodeProcess
+from .support import ROOT, NodeProcess, env
 from .test_processes import meshctl
 
 pytestmark = pytest.mark.slow
@@ -185,3 +185,51 @@ def test_demo_page_chat_and_failover_across_the_mesh(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
+
+
+def _readme_demo_command() -> list[str]:
+    """The node command of README.md's "Run a node", after its install steps."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Run a node"):]
+    line = re.search(r"```sh\n(.+?)\n```", block, re.S).group(1)
+    command = line.split(" && ")[-1]
+    assert command == ".venv/bin/twistd -n meshd --demo", command
+    return command.split()
+
+
+def test_readme_command_ends_in_a_browser(tmp_path: Path) -> None:
+    """A node started exactly as the README says prints the demo page's URL, and the page works there:
+    it connects, joins a room, and shows what this page and meshctl send."""
+    node_bin = _tools()
+    _npm_dependencies()
+    argv = _readme_demo_command()
+    node = subprocess.Popen([str(ROOT / argv[0]), *argv[1:]], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = None
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        seen = ""
+        while url is None and time.monotonic() < deadline and node.poll() is None:
+            line = node.stdout.readline()
+            seen += line
+            found = re.search(r"Demo page: open (http://\S+) in a browser", line)
+            url = found.group(1) if found else None
+        assert url == "http://localhost:8766/", f"the node printed no demo URL (the ports may be in use):\n{seen}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        script = subprocess.Popen([node_bin, "readme.test.mjs", url, str(CHROMIUM), str(ARTIFACTS), "from meshctl"],
+                                  cwd=BROWSER_TESTS, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert script.stdout.readline().strip() == "ready", script.communicate(timeout=30)
+        result = meshctl("pub", "chat.lobby", json.dumps({"from": "cli", "text": "from meshctl"}))
+        assert result.returncode == 0, result.stderr
+        out, err = script.communicate("published\n", timeout=60)
+        assert script.returncode == 0 and out.strip() == "ok", f"{out}\n{err}"
+    finally:
+        for proc in (script, node):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
