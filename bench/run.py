@@ -235,6 +235,29 @@ def fanout(name: str, kind: str, subscribers: int, workdir: Path, duration: floa
     return Result(name, tree.label if tree else kind, figures)
 
 
+def history_fanout(name: str, subscribers: int, workdir: Path, duration: float, history: bool,
+                   extra=()) -> Result:
+    """The fan-out row of one node with a configuration file, its channels keeping history or not."""
+    port = free_port()
+    channels = '[[channels]]\nmatch = "bench.*"\nhistory_size = 1000\nrecover = true\n' if history else ""
+    config = f"""
+[websocket]
+listen = ["tcp:{port}:interface=127.0.0.1"]
+[[rules]]
+match = "*"
+anonymous = ["subscribe", "publish", "watch"]
+[limits]
+request_rate = 0
+{channels}"""
+    server = Server("meshd", port, workdir, config)
+    try:
+        figures = load(port, "meshd", ["--subscribers", str(subscribers), "--duration", str(duration), *extra],
+                       [server])
+    finally:
+        server.stop()
+    return Result(name, "history on" if history else "history off", figures)
+
+
 def idle(name: str, kind: str, connections: int, workdir: Path, tree: "Tree | None" = None) -> Result:
     port = free_port()
     server = Server(kind, port, workdir, root=tree.root if tree else ROOT)
@@ -373,7 +396,7 @@ def table(results: list[Result], baselines: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
-    p.add_argument("--only", nargs="*", help="scenario groups: fanout, channels, idle, mesh")
+    p.add_argument("--only", nargs="*", help="scenario groups: fanout, channels, idle, mesh, history")
     p.add_argument("--baseline", metavar="REV", help="also run every meshd row with the node of git revision REV")
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest.md")
     args = p.parse_args()
@@ -416,6 +439,13 @@ def main() -> None:
             for tree in trees:
                 results.append(fanout("meshd 1,000 channels x 10, 10,000 connections @ S=1000", "meshd", 10_000,
                                       work, duration, spread, tree=tree))
+        if "history" in groups:
+            # What a history channel costs its fan-out: the same node and load, the channel keeping
+            # history or not, interleaved (each event numbered, encoded with its position, kept).
+            for s in (100, 1000):
+                for on in (False, True, False, True):
+                    results.append(history_fanout(f"meshd fan-out, batch frames @ S={s}", s, work, duration, on,
+                                                  ["--batch"]))
         if "idle" in groups:
             n = 1000 if args.quick else 5000
             results.append(idle(f"relay, {n} idle", "relay", n, work))

@@ -13,6 +13,7 @@ distribute events, disconnect sessions, and read what the node holds:
 ``POST /api/disconnect``    close sessions, on every node (close code 4006)
 ``GET /api/info``           this node, its peers and links, its counts
 ``GET /api/channels``       channels: subscribers here and in the cluster
+``GET /api/history``        a history channel's latest events here
 ``GET /api/openapi.json``   :data:`OPENAPI`, the OpenAPI 3.1 document (no key)
 ==========================  ======================================================
 
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
 #: How long a call that asks the other nodes (``/api/channels``, ``/api/disconnect``) waits for their
 #: answers, in seconds; nodes that have not answered by then are listed in ``missing``.
 QUERY_TIMEOUT = 2.0
+#: ``GET /api/history``: how many events without ``limit``, and the most with it.
+HISTORY_DEFAULT_LIMIT = 100
+HISTORY_LIMIT = 1000
 #: The reason sent with close code 4006.
 DISCONNECT_REASON = "disconnected by the server"
 #: Event types by name, for the ``type`` field (an integer from 1024 up is an application's own).
@@ -216,11 +220,14 @@ class Endpoint(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, api: "Api", handlers: Mapping[bytes, Callable[..., dict]], *, public: bool = False) -> None:
+    def __init__(self, api: "Api", handlers: Mapping[bytes, Callable[..., dict]], *, public: bool = False,
+                 query: bool = False) -> None:
         super().__init__()
         self.api = api
         self.handlers = handlers
         self.public = public
+        #: GET handlers that take the query string's arguments (``request.args``).
+        self.query = query
 
     def render(self, request) -> bytes:
         try:
@@ -236,7 +243,7 @@ class Endpoint(Resource):
             if request.method == b"POST":
                 answer = handler(self.api.fields.object(self.api.body(request)))
             else:
-                answer = handler()
+                answer = handler(request.args) if self.query else handler()
         except ApiError as e:
             return error(request, e)
         except Exception:
@@ -295,6 +302,7 @@ class Root(Resource):
             b"disconnect": Endpoint(api, {b"POST": api.disconnect}),
             b"info": Endpoint(api, {b"GET": api.info}),
             b"channels": Endpoint(api, {b"GET": api.channels}),
+            b"history": Endpoint(api, {b"GET": api.history}, query=True),
             b"openapi.json": Endpoint(api, {b"GET": lambda: OPENAPI}, public=True),
         }
 
@@ -444,6 +452,29 @@ class Api:
     def info(self) -> dict:
         return node_info(self.app, self.started)
 
+    def history(self, args: "dict[bytes, list[bytes]]") -> dict:
+        """A history channel's events as this node keeps them: the latest ``limit`` (default 100)."""
+        f = self.fields
+        values = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs] for k, vs in args.items()}
+        unknown = sorted(set(values) - {"channel", "limit"})
+        if unknown:
+            raise _bad(unknown[0], "unknown parameter (known: channel, limit)")
+        if "channel" not in values:
+            raise _missing("channel")
+        channel = f.channel(values["channel"][-1])
+        limit = HISTORY_DEFAULT_LIMIT
+        if "limit" in values:
+            text = values["limit"][-1]
+            if not text.isdigit() or not 1 <= int(text) <= HISTORY_LIMIT:
+                raise _bad("limit", f"expected an integer from 1 to {HISTORY_LIMIT}")
+            limit = int(text)
+        history = self.app.history
+        if history is None or history.options(channel) is None:
+            raise _bad("channel", "this channel keeps no history ([[channels]] history_size)")
+        entries, _, cut = history.read(channel, limit)
+        return {"channel": channel, "events": [_event_json(e) for e in entries],
+                "positions": [_position_json(p) for p in cut]}
+
     def channels(self) -> "Deferred[dict]":
         def counted(results: "Results | None") -> dict:
             answer = channel_counts(self.app)
@@ -542,6 +573,25 @@ class ApiSite(server.Site):
 
     def logPrefix(self) -> str:
         return "ApiSite"
+
+
+def _event_json(entry) -> dict:
+    """A kept event as the API shows it."""
+    from meshd.codec import decode, event_type_name
+
+    event = decode(entry.frame)
+    payload = event.payload or b""
+    try:
+        data: Any = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        data = {"b64": base64.b64encode(payload).decode("ascii")}
+    return {"type": event_type_name(event.event_type) if event.event_type < 1024 else event.event_type,
+            "data": data, "session": str(event.session) if event.session is not None else None,
+            **_position_json(entry.position)}
+
+
+def _position_json(position) -> dict:
+    return {"node": str(position.node), "epoch": position.epoch, "seq": position.seq}
 
 
 def _missing_nodes(results: "Results | None") -> list[str]:
@@ -740,6 +790,27 @@ OPENAPI: dict = {
                     }},
                 },
             },
+            "Position": {
+                "type": "object", "required": ["node", "epoch", "seq"], "additionalProperties": False,
+                "properties": {"node": _UUID, "epoch": _COUNT, "seq": _COUNT},
+            },
+            "History": {
+                "type": "object", "required": ["channel", "events", "positions"], "additionalProperties": False,
+                "properties": {
+                    "channel": _CHANNEL,
+                    "events": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False,
+                        "required": ["type", "data", "session", "node", "epoch", "seq"],
+                        "properties": {
+                            "type": _ref("EventType"), "data": _ref("Data"),
+                            "session": {"oneOf": [_UUID, {"type": "null"}]},
+                            "node": _UUID, "epoch": _COUNT, "seq": _COUNT,
+                        },
+                    }},
+                    "positions": {"type": "array", "items": _ref("Position"),
+                                  "description": "Where the channel is now on this node (protocol.md)."},
+                },
+            },
             "OpenAPI": {"type": "object", "required": ["openapi", "paths"]},
         },
     },
@@ -753,6 +824,15 @@ OPENAPI: dict = {
         "/api/disconnect": _post("Close sessions on every node (close code 4006).", "Disconnect", "Disconnected"),
         "/api/info": _get("This node, its peers and links, and its counts.", "Info"),
         "/api/channels": _get("Channels and their subscribers, here and in the cluster.", "Channels"),
+        "/api/history": {"get": {
+            **_get("A history channel's latest events, as this node keeps them.", "History")["get"],
+            "parameters": [
+                {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT, "default": HISTORY_DEFAULT_LIMIT}},
+            ],
+            "responses": _answers("History", 400, 401, 405),
+        }},
         "/api/openapi.json": _get("This document (no key needed).", "OpenAPI", public=True),
     },
 }

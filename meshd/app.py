@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import random
 from dataclasses import fields, replace
 from typing import Any, Callable, Optional
 from uuid import UUID, uuid4
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator, IReactorTime
@@ -32,13 +34,15 @@ from meshd.metrics import Metrics
 from meshd.permissions import Policy
 from meshd.registry import Registry
 from meshd.session import Session
-from meshd.state import NodeState
+from meshd.state import NodeState, NullRouter
 from meshd.websocket import MeshServerFactory
 
 #: A drain closes at most this many batches of sessions a second.
 DRAIN_BATCHES_PER_SECOND = 10
 #: What :meth:`Application.reload` replaces; any other key that changed needs a restart.
 RELOADABLE = frozenset({"rules", "tokens", "jwt", "drain_seconds"})
+#: Seconds between sweeps of the history channels (events past their age go, empty channels are forgotten).
+HISTORY_SWEEP = 30.0
 #: What may change in ``[mesh]`` on a reload: the certificate files (read again on every reload).
 RELOADABLE_MESH = frozenset({"ca", "cert", "key"})
 #: What may change in ``[api]`` on a reload: the keys.
@@ -81,9 +85,14 @@ class Application(MultiService):
         self.turn = EndOfTurn(clock)
         self.turn.timed = self.metrics.turns.observe
         self.delivery = LocalDelivery(self.registry, self.metrics, self.turn)
+        #: Random at each start: the epoch of this node's events on history channels, and the mesh's.
+        self.incarnation = random.getrandbits(63) + 1
+        #: The recent events of the channels that keep history (``[[channels]]``), if any does.
+        self.history = self._make_history(config)
         #: The mesh service, when the configuration has a ``[mesh]`` section.
         self.mesh = self._make_mesh(config.mesh) if config.mesh is not None else None
-        self.state = NodeState(self.node_id, self.registry, self.delivery, self.mesh, self.metrics)
+        router = self.mesh if self.mesh is not None else NullRouter(self.incarnation)
+        self.state = NodeState(self.node_id, self.registry, self.delivery, router, self.metrics, self.history)
         self.policy = Policy.development() if config.development else Policy(config.rules)
         #: Whether the authenticator comes from the configuration (and a reload replaces it).
         self._configured_authenticator = authenticator is None
@@ -198,6 +207,23 @@ class Application(MultiService):
         service.setServiceParent(self)
         self.log.info("Server HTTP API on {endpoint}", endpoint=endpoint)
 
+    def _make_history(self, config: Config):
+        """The history of the channels ``[[channels]]`` gives one, or None when none does."""
+        if not any(entry.history for entry in config.channels):
+            return None
+        from meshd.channels import ChannelTable
+        from meshd.history import History
+
+        history = History(ChannelTable(config.channels), self.clock, self.node_id, self.incarnation,
+                           own_seq=lambda: self.state.router.seq, subscribed=self.registry.channels.__contains__)
+        # Without subscribers here, peers stop sending a channel: what this node holds of them ends there.
+        self.registry.observe(lambda channel, present: None if present else history.end(channel))
+        sweep = TimerService(HISTORY_SWEEP, history.sweep)
+        sweep.clock = self.clock
+        sweep.setName("history-sweep")
+        sweep.setServiceParent(self)
+        return history
+
     def _make_mesh(self, settings):
         """The service that links this node with the others of its cluster (``[mesh]``)."""
         from meshd.mesh.service import Mesh
@@ -214,6 +240,8 @@ class Application(MultiService):
             deliver=self.delivery.deliver_routed,
             answer=self.answer_query,
             node_name=self.config.node_name,
+            history=self.history,
+            incarnation=self.incarnation,
         )
         mesh.setServiceParent(self)
         return mesh

@@ -9,7 +9,7 @@ from typing import Optional
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from meshd.auth import Identity
-from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable
+from meshd.codec import PROTOCOL_VERSION, ErrorCode, Opcode, ProtocolError, Watchable, batch_payload
 from meshd.constants import CLOSE_HELLO_FAILURES
 from meshd.handlers import Handlers, Request
 from meshd.permissions import PUBLISH, SUBSCRIBE, WATCH
@@ -24,6 +24,7 @@ def install(handlers: Handlers) -> None:
     handlers._install(Opcode.Publish, publish)
     handlers._install(Opcode.Watch, watch)
     handlers._install(Opcode.Unwatch, unwatch)
+    handlers._install(Opcode.History, history)
 
 
 def hello(request: Request) -> Optional[Deferred]:
@@ -158,7 +159,43 @@ def subscribe(request: Request) -> None:
             ErrorCode.TooManySubscriptions,
             f"this node holds its limit of {app.config.max_channels} channels; no new channel can be made",
         )
+    options = app.history.options(channel) if app.history is not None else None
+    if options is None:
+        registry.subscribe(session, channel)
+        return
+    # A history channel: the Ack says where the channel is now, and with `recover` and `positions`
+    # the events missed since them come first (docs/recovery.md).  All in this turn: an event
+    # published later reaches the session live, one published earlier is in the history.
+    message = request.message
+    wants = message.recover and message.positions is not None and options.recover
+    entries, recovered, cut = app.history.read(channel, positions=message.positions if wants else None)
+    if recovered:
+        session.send_events([e.frame for e in entries])
     registry.subscribe(session, channel)
+    if message.request_id:
+        request.reply(Opcode.Ack, positions=cut, recovered=recovered)
+
+
+def history(request: Request) -> Optional[bytes]:
+    """The events a history channel holds here: the latest ``limit``, or those after ``positions``.
+
+    Answered by an Ack whose payload holds them as a Batch frame's payload does, with the channel's
+    positions now and, given ``positions``, whether nothing after them is missing (``recovered``).
+    """
+    app, message = request.app, request.message
+    channel = _channel(request)
+    _require(request, SUBSCRIBE, channel)
+    if app.history is None or app.history.options(channel) is None:
+        raise ProtocolError(ErrorCode.InvalidArgument, f"channel {channel!r} keeps no history ([[channels]])")
+    limit = message.limit or HISTORY_LIMIT
+    entries, recovered, cut = app.history.read(channel, min(limit, HISTORY_LIMIT), message.positions)
+    request.reply(Opcode.Ack, payload=batch_payload([e.frame for e in entries]), positions=cut,
+                  recovered=recovered)
+    return None
+
+
+#: The most events one History answer holds (its ``limit`` is capped there).
+HISTORY_LIMIT = 1000
 
 
 def unsubscribe(request: Request) -> None:

@@ -14,17 +14,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 from uuid import UUID
 
 import flatbuffers
 
 from meshd import flatverify as fv
+from meshd.flatverify import Position
 from meshd.fb.client import Frame as F
 from meshd.fb.client import Watchable as W
 from meshd.fb.client.ErrorCode import ErrorCode
 from meshd.fb.client.EventType import EventType
 from meshd.fb.client.Opcode import Opcode
+from meshd.fb.client.Position import CreatePosition
 from meshd.fb.client.Uuid import CreateUuid
 
 __all__ = [
@@ -96,6 +98,12 @@ class Message(NamedTuple):
     exclude_self: bool = False
     max_message_size: int = 0
     batch: bool = False
+    epoch: int = 0
+    seq: int = 0
+    positions: "Optional[list[Position]]" = None
+    recover: bool = False
+    recovered: bool = False
+    limit: int = 0
 
 
 def _names(enum: type) -> dict[int, str]:
@@ -149,6 +157,12 @@ def encode(
     exclude_self: bool = False,
     max_message_size: int = 0,
     batch: bool = False,
+    epoch: int = 0,
+    seq: int = 0,
+    positions: "Optional[Iterable[Position]]" = None,
+    recover: bool = False,
+    recovered: bool = False,
+    limit: int = 0,
 ) -> bytes:
     """Build one finished Frame buffer; fields left at their default are omitted."""
     size = 64 + (len(payload) if payload else 0) + (len(channel) * 4 if channel else 0)
@@ -166,6 +180,14 @@ def encode(
         W.AddKind(b, kind)
         W.AddId(b, ident)
         wa = W.End(b)
+    po = 0
+    if positions is not None:
+        positions = list(positions)
+        F.StartPositionsVector(b, len(positions))
+        for p in reversed(positions):
+            n = p.node.int
+            CreatePosition(b, n >> 64, n & _U64, p.epoch, p.seq)
+        po = b.EndVector()
     F.Start(b)
     F.AddOpcode(b, opcode)
     F.AddRequestId(b, request_id)
@@ -191,6 +213,13 @@ def encode(
     F.AddExcludeSelf(b, exclude_self)
     F.AddMaxMessageSize(b, max_message_size)
     F.AddBatch(b, batch)
+    F.AddEpoch(b, epoch)
+    F.AddSeq(b, seq)
+    if positions is not None:
+        F.AddPositions(b, po)
+    F.AddRecover(b, recover)
+    F.AddRecovered(b, recovered)
+    F.AddLimit(b, limit)
     b.Finish(F.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
@@ -228,6 +257,12 @@ FRAME = fv.Table(
         fv.Field("exclude_self", fv.BOOL),
         fv.Field("max_message_size", fv.U32),
         fv.Field("batch", fv.BOOL),
+        fv.Field("epoch", fv.U64),
+        fv.Field("seq", fv.U64),
+        fv.Field("positions", fv.POSITIONS),
+        fv.Field("recover", fv.BOOL),
+        fv.Field("recovered", fv.BOOL),
+        fv.Field("limit", fv.U32),
     ),
     partial(tuple.__new__, Message),
     positional=True,
@@ -240,10 +275,14 @@ if [(name, Message._field_defaults[name]) for name in Message._fields] != [
     raise RuntimeError("meshd.codec: Message and the Frame schema disagree")
 
 
+def batch_payload(frames: "list[bytes]") -> bytes:
+    """``frames`` (complete Event frames) as a Batch frame's payload: each a 4-byte length, then it."""
+    return b"".join(_U32.pack(len(f)) + f for f in frames)
+
+
 def encode_batch(frames: "list[bytes]") -> bytes:
     """A Batch frame carrying ``frames`` (complete Event frames), in order."""
-    entries = b"".join(_U32.pack(len(f)) + f for f in frames)
-    return encode(Opcode.Batch, payload=entries)
+    return encode(Opcode.Batch, payload=batch_payload(frames))
 
 
 def unpack_batch(message: Message) -> "list[Message]":

@@ -14,11 +14,14 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 from uuid import UUID
 
 from meshd.limits import DEFAULT_EXEMPT, parse_networks
 from meshd.permissions import ACTIONS, Rule
+
+if TYPE_CHECKING:
+    from meshd.channels import ChannelOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -162,6 +165,8 @@ class Config:
     jwt: Optional[JWTSettings] = None
     # [[rules]]
     rules: tuple[Rule, ...] = ()
+    # [[channels]]
+    channels: "tuple[ChannelOptions, ...]" = ()
     # [extensions]
     modules: tuple[str, ...] = ()
     # [metrics]
@@ -338,7 +343,8 @@ def key_of(attribute: str) -> str:
         for key, (name, _) in keys.items():
             if name == attribute:
                 return f"{section}.{key}"
-    return {"jwt": "auth.jwt", "rules": "rules", "mesh": "mesh", "api": "api"}.get(attribute, attribute)
+    return {"jwt": "auth.jwt", "rules": "rules", "channels": "channels", "mesh": "mesh", "api": "api"}.get(
+        attribute, attribute)
 
 
 def load(path: "str | Path") -> Config:
@@ -359,6 +365,9 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         if section == "rules":
             values["rules"] = _rules(body, path)
             continue
+        if section == "channels":
+            values["channels"] = _channels(body, path)
+            continue
         if section == "mesh":
             values["mesh"] = _mesh(body, path)
             continue
@@ -367,7 +376,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
             continue
         keys = _KEYS.get(section)
         if keys is None:
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules', 'mesh', 'api'])})")
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join([*_KEYS, 'rules', 'channels', 'mesh', 'api'])})")
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {section}: expected a table")
         if section == "auth" and "jwt" in body:
@@ -407,6 +416,45 @@ def _rules(body: Any, path: Path) -> tuple[Rule, ...]:
             grants[who] = frozenset(actions)
         rules.append(Rule(rule["match"], **grants))
     return tuple(rules)
+
+
+_CHANNEL_KEYS = {
+    "history_size": _int(0),
+    "history_ttl": lambda v: _positive_seconds(v),
+    "history_bytes": _int(1024),
+    "recover": lambda v: _flag(v),
+}
+
+
+def _channels(body: Any, path: Path) -> "tuple[ChannelOptions, ...]":
+    """``[[channels]]``: options by pattern, the first match deciding (meshd.channels)."""
+    from meshd.channels import ChannelOptions
+
+    if not isinstance(body, list):
+        raise ConfigError(f"{path}: channels: expected an array of tables, written [[channels]]")
+    entries = []
+    for i, entry in enumerate(body):
+        where = f"{path}: channels[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table")
+        if not isinstance(entry.get("match"), str) or not entry["match"]:
+            raise ConfigError(f"{where}.match: expected a non-empty glob pattern")
+        values = {}
+        for key, value in entry.items():
+            if key == "match":
+                continue
+            check = _CHANNEL_KEYS.get(key)
+            if check is None:
+                raise ConfigError(f"{where}.{key}: unknown key (known: match, {', '.join(_CHANNEL_KEYS)})")
+            try:
+                values[key] = check(value)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{key}: {e}") from None
+        options = ChannelOptions(entry["match"], **values)
+        if options.recover and not options.history:
+            raise ConfigError(f"{where}.recover: needs history (history_size > 0)")
+        entries.append(options)
+    return tuple(entries)
 
 
 def _audience(v: Any) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional, Union
 from uuid import UUID
 
-from meshd.codec import EventType, Watchable, encode_event
+from meshd.codec import EventType, Opcode, Watchable, decode, encode, encode_event
 from meshd.wsframes import frame_binary
 
 WatchableLike = Union[Watchable, "tuple[str, str]", None]
@@ -40,20 +40,33 @@ class Event:
         payload: bytes = b"",
         session_id: Optional[UUID] = None,
         node_id: Optional[UUID] = None,
+        epoch: int = 0,
+        seq: int = 0,
     ) -> None:
         self.event_type = event_type
         self.channel = channel
         self.watchable = as_watchable(watchable)
         self.origin_node = node_id
-        self.frame = encode_event(
-            event_type,
-            channel=channel,
-            watchable=self.watchable,
-            payload=bytes(payload),
-            session=session_id,
-            node=node_id,
-        )
+        if seq:  # a history channel's event: its position is in the frame (the generic encoder writes it)
+            self.frame = encode(Opcode.Event, event_type=event_type, channel=channel, watchable=self.watchable,
+                                payload=bytes(payload), session=session_id, node=node_id, epoch=epoch, seq=seq)
+        else:
+            self.frame = encode_event(
+                event_type,
+                channel=channel,
+                watchable=self.watchable,
+                payload=bytes(payload),
+                session=session_id,
+                node=node_id,
+            )
         self._wire: Optional[bytes] = None
+
+    def positioned(self, channel: str, node_id: UUID, epoch: int, seq: int) -> "Event":
+        """This event as one of history channel ``channel``: the same, with this node (``node_id``) as
+        its origin and its position (``epoch``, ``seq``) in the frame."""
+        m = decode(self.frame)
+        return Event(m.event_type, channel=channel, watchable=m.watchable, payload=m.payload or b"",
+                     session_id=m.session, node_id=node_id, epoch=epoch, seq=seq)
 
     @property
     def wire(self) -> bytes:

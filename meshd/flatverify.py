@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 from uuid import UUID
 
 _u8 = struct.Struct("<B").unpack_from
@@ -23,6 +23,16 @@ _u32 = struct.Struct("<I").unpack_from
 _i32 = struct.Struct("<i").unpack_from
 _u64 = struct.Struct("<Q").unpack_from
 _uuid_parts = struct.Struct("<QQ").unpack_from
+_position = struct.Struct("<QQQQ").unpack_from
+
+
+class Position(NamedTuple):
+    """A ``Position`` struct (``schemas/client.fbs``): where a client is in one origin node's events
+    on a channel."""
+
+    node: UUID
+    epoch: int
+    seq: int
 
 
 class Malformed(ValueError):
@@ -30,7 +40,7 @@ class Malformed(ValueError):
 
 
 # Field kinds.
-U8, BOOL, U16, U32, U64, STRING, BYTES, UUID_STRUCT, TABLE, STRINGS, TABLES, UNION_TYPE, UNION, UUIDS = range(14)
+U8, BOOL, U16, U32, U64, STRING, BYTES, UUID_STRUCT, TABLE, STRINGS, TABLES, UNION_TYPE, UNION, UUIDS, POSITIONS = range(15)
 
 _INLINE_SIZE = {U8: 1, BOOL: 1, U16: 2, U32: 4, U64: 8, UUID_STRUCT: 16, UNION_TYPE: 1}
 
@@ -105,7 +115,7 @@ def _compile(table: Table) -> Callable[[bytes, int, int], Any]:
         raise ValueError(f"{table.name}: a positional table cannot hold a union")
     namespace: dict[str, Any] = {
         "Malformed": Malformed, "UUID": UUID, "_u8": _u8, "_u16": _u16, "_u16x2": _u16x2, "_u32": _u32,
-        "_i32": _i32, "_u64": _u64, "_uuid_parts": _uuid_parts, "follow": follow, "vector": vector,
+        "_i32": _i32, "_u64": _u64, "_uuid_parts": _uuid_parts, "_position": _position, "Position": Position, "follow": follow, "vector": vector,
         "string": string, "make": table.make,
         # The vtable's offsets are read in one call: all the fields', or the
         # k there are (an older writer's) followed by zeros.
@@ -212,6 +222,12 @@ def _read_field(f: Field, what: str, namespace: dict, slot: int, dest: str) -> l
             f"start, length = vector(buf, at, {what!r}, 16)",
             f"{dest} = [UUID(int=(hi << 64) | lo) for hi, lo in"
             " (_uuid_parts(buf, start + 16 * i) for i in range(length))]",
+        ]
+    if kind == POSITIONS:  # a vector of Position structs: Uuid, epoch, seq
+        return [
+            f"start, length = vector(buf, at, {what!r}, 32)",
+            f"{dest} = [Position(UUID(int=(hi << 64) | lo), epoch, seq) for hi, lo, epoch, seq in"
+            " (_position(buf, start + 32 * i) for i in range(length))]",
         ]
     if kind == UNION_TYPE:
         return ["union_type = buf[at]"]

@@ -24,7 +24,7 @@ fields; they change them only through the machine's inputs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 from uuid import UUID, uuid4
 
 from automat import TypeMachineBuilder
@@ -283,6 +283,15 @@ class Session:
         """Send one encoded frame to this session alone."""
         return self.send(frame_binary(frame))
 
+    def send_events(self, frames: "list[bytes]") -> None:
+        """Send Event frames to this session alone, in order: in Batch frames when it takes them."""
+        if not self.batch:
+            for frame in frames:
+                self.send_frame(frame)
+            return
+        for group in _groups(frames, lambda frame: frame):
+            self.send_frame(encode_batch(group) if len(group) > 1 else group[0])
+
     def coalesce(self, shared: "Optional[dict]") -> None:
         """Turn the queued segments into frames, in order, and send them.
 
@@ -363,22 +372,25 @@ class Segment:
         self.open = open
 
 
+def _groups(items: list, frame_of) -> "Iterator[list]":
+    """``items`` in runs whose Event frames fit one Batch frame (at most MAX_BATCH_BYTES of entries)."""
+    group: list = []
+    size = 0
+    for item in items:
+        cost = len(frame_of(item)) + 4
+        if group and size + cost > MAX_BATCH_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += cost
+    if group:
+        yield group
+
+
 def _batch_messages(events: "list[Event]") -> "tuple[list[bytes], int]":
     """``events`` as WebSocket messages (Batch frames of at most MAX_BATCH_BYTES, a lone event as
     itself), and how many events they hold."""
-    messages = []
-    group: list[Event] = []
-    size = 0
-    for event in events:
-        cost = len(event.frame) + 4
-        if group and size + cost > MAX_BATCH_BYTES:
-            messages.append(_one_message(group))
-            group, size = [], 0
-        group.append(event)
-        size += cost
-    if group:
-        messages.append(_one_message(group))
-    return messages, len(events)
+    return [_one_message(group) for group in _groups(events, lambda e: e.frame)], len(events)
 
 
 def _one_message(group: "list[Event]") -> bytes:

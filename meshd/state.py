@@ -24,6 +24,7 @@ delivery writes the same bytes to every recipient.
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Optional, Union
 from uuid import UUID
 
@@ -37,9 +38,19 @@ from meshd.registry import Registry
 if TYPE_CHECKING:
     from typing import Protocol
 
+    from meshd.history import History
+
     class Router(Protocol):
+        #: This node's incarnation: random at each start (a history event's ``epoch``).
+        incarnation: int
+        #: The number of this node's last event.
+        seq: int
+
         def route(self, kind: int, event: Event, *, channel: Optional[str] = None, watchable=None,
-                  exclude_session: Optional[UUID] = None, exclude_node: Optional[UUID] = None) -> int: ...
+                  exclude_session: Optional[UUID] = None, exclude_node: Optional[UUID] = None,
+                  seq: Optional[int] = None) -> int: ...
+
+        def next_seq(self) -> int: ...
 
 __all__ = ["Clients", "Event", "NodeState", "NullRouter", "as_watchable"]
 
@@ -47,8 +58,16 @@ __all__ = ["Clients", "Event", "NodeState", "NullRouter", "as_watchable"]
 class NullRouter:
     """The router of a node without a mesh: there is nobody else to reach."""
 
+    def __init__(self, incarnation: int = 0) -> None:
+        self.incarnation = incarnation or random.getrandbits(63) + 1
+        self.seq = 0
+
     def route(self, kind: int, event: Event, **where) -> int:
         return 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
 
 def _one(positional, keyword, name: str, keyword_name: str):
@@ -85,18 +104,26 @@ class Clients:
         """
         state = self._state
         exclude = _one(exclude, exclude_session, "exclude", "exclude_session")
+        epoch, seq = state._position(channel)
         if not isinstance(frame, Event):
             frame = Event(
                 EventType.ChannelEvent,
                 channel=channel,
                 payload=frame,
                 session_id=instance,
-                node_id=node_id or state.node_id,
+                node_id=state.node_id if seq else node_id or state.node_id,
+                epoch=epoch,
+                seq=seq,
             )
+        elif seq:
+            frame = frame.positioned(channel, state.node_id, epoch, seq)
         elif frame.channel != channel:
             frame = _with_channel(frame, channel)
+        if seq:
+            state._keep(channel, epoch, seq, frame)
         if not local_only:
-            state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude)
+            state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude,
+                               seq=seq or None)
         return state._emit(CHANNEL, frame, exclude)
 
 
@@ -117,6 +144,7 @@ class NodeState:
         delivery: LocalDelivery,
         router: "Optional[Router]" = None,
         metrics: Optional[Metrics] = None,
+        history: "Optional[History]" = None,
     ) -> None:
         self.node_id = node_id
         self.registry = registry
@@ -124,6 +152,8 @@ class NodeState:
         #: Reaches the other nodes: the mesh, or nobody (:class:`NullRouter`).
         self.router = router if router is not None else NullRouter()
         self.metrics = metrics if metrics is not None else delivery.metrics
+        #: The history channels' recent events (``[[channels]]``), or None when no channel keeps any.
+        self.history = history
         self.clients = Clients(self)
 
     def of_clients(self) -> Clients:
@@ -144,6 +174,17 @@ class NodeState:
             node_id=self.node_id,
         )
 
+    def _position(self, channel: Optional[str]) -> tuple[int, int]:
+        """(epoch, seq) for an event of ``channel`` when it keeps history, else (0, 0)."""
+        history = self.history
+        if history is None or history.options(channel) is None:
+            return 0, 0
+        return self.router.incarnation, self.router.next_seq()
+
+    def _keep(self, channel: str, epoch: int, seq: int, event: Event) -> None:
+        assert self.history is not None
+        self.history.record(channel, self.node_id, epoch, seq, event.frame)
+
     def _emit(self, scope: str, event: Event, exclude_session: Optional[UUID] = None) -> int:
         """Deliver an event that originates here to this node's sessions; count it."""
         self.metrics.events += 1
@@ -160,8 +201,13 @@ class NodeState:
         local delivery.
         """
         exclude_node = _one(exclude_id, exclude_node, "exclude_id", "exclude_node")
+        epoch, seq = self._position(frame.channel)
+        if seq:
+            frame = frame.positioned(frame.channel, self.node_id, epoch, seq)
+            self._keep(frame.channel, epoch, seq, frame)
         self.router.route(
-            RouteKind.Event, frame, channel=frame.channel, watchable=frame.watchable, exclude_node=exclude_node
+            RouteKind.Event, frame, channel=frame.channel, watchable=frame.watchable, exclude_node=exclude_node,
+            seq=seq or None,
         )
         if exclude_node == self.node_id:
             return 0

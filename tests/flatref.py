@@ -11,8 +11,9 @@ from typing import Any
 from uuid import UUID
 
 from meshd.flatverify import (
-    BOOL, BYTES, STRING, STRINGS, TABLE, TABLES, U8, U16, U32, U64, UNION, UNION_TYPE, UUID_STRUCT,
-    ABSENT, Malformed, Table, _i32, _u8, _u16, _u16x2, _u32, _u64, _uuid_parts, follow, root, string, vector,
+    BOOL, BYTES, POSITIONS, STRING, STRINGS, TABLE, TABLES, U8, U16, U32, U64, UNION, UNION_TYPE, UUID_STRUCT, UUIDS,
+    ABSENT, Malformed, Position, Table, _i32, _position, _u8, _u16, _u16x2, _u32, _u64, _uuid_parts, follow, root,
+    string, vector,
 )
 
 _INLINE_SIZE = {U8: 1, BOOL: 1, U16: 2, U32: 4, U64: 8, UUID_STRUCT: 16, UNION_TYPE: 1}
@@ -68,6 +69,14 @@ def read_table(buf: bytes, pos: int, table: Table, depth: int = 0) -> Any:
         elif kind == TABLES:
             start, length = vector(buf, at, what, 4)
             values[name] = [read_table(buf, follow(buf, start + 4 * i, what), of, depth + 1) for i in range(length)]
+        elif kind == UUIDS:
+            start, length = vector(buf, at, what, 16)
+            values[name] = [UUID(int=(hi << 64) | lo) for hi, lo in (_uuid_parts(buf, start + 16 * i)
+                                                                     for i in range(length))]
+        elif kind == POSITIONS:
+            start, length = vector(buf, at, what, 32)
+            values[name] = [Position(UUID(int=(hi << 64) | lo), epoch, seq)
+                            for hi, lo, epoch, seq in (_position(buf, start + 32 * i) for i in range(length))]
         elif kind == UNION_TYPE:
             union_type = buf[at]
         elif kind == UNION:

@@ -23,6 +23,7 @@ from meshd.codec import (
     event_type_name,
     opcode_name,
 )
+from meshd.codec import Position
 from meshd.fb.client.Frame import Frame
 
 from meshd import flatverify as fv
@@ -58,6 +59,14 @@ messages = st.builds(
     version=st.integers(0, 0xFFFF),
     exclude_self=st.booleans(),
     max_message_size=st.integers(0, (1 << 32) - 1),
+    batch=st.booleans(),
+    epoch=st.integers(0, (1 << 64) - 1),
+    seq=st.integers(0, (1 << 64) - 1),
+    positions=st.none() | st.lists(st.builds(Position, uuids, st.integers(0, (1 << 64) - 1),
+                                             st.integers(0, (1 << 64) - 1)), max_size=5),
+    recover=st.booleans(),
+    recovered=st.booleans(),
+    limit=st.integers(0, (1 << 32) - 1),
 )
 
 
@@ -89,6 +98,13 @@ class RoundTripTests(unittest.SynchronousTestCase):
             self.assertEqual((f.Session().Hi() << 64) | f.Session().Lo(), m.session.int)
         if m.watchable is not None:
             self.assertEqual(f.Watchable().Id(), m.watchable.id.encode())
+        self.assertEqual((f.Epoch(), f.Seq(), f.Limit(), f.Recover(), f.Recovered()),
+                         (m.epoch, m.seq, m.limit, m.recover, m.recovered))
+        positions = [f.Positions(i) for i in range(f.PositionsLength())]
+        from meshd.fb.client.Uuid import Uuid
+
+        self.assertEqual([Position(UUID(int=(p.Node(Uuid()).Hi() << 64) | p.Node(Uuid()).Lo()), p.Epoch(), p.Seq())
+                          for p in positions], m.positions or [])
 
     def test_uuid_layout(self) -> None:
         """A Uuid struct holds the UUID's bytes 0-7 and 8-15 as big-endian integers."""
@@ -168,7 +184,8 @@ class HostileInputTests(unittest.SynchronousTestCase):
 
         full = encode(Opcode.Hello, request_id=1, channel="c", watchable=Watchable("k", "i"), payload=b"p",
                       event_type=1, session=UUID(int=1), node=UUID(int=2), error_code=1, message="m", token="t",
-                      principal="p", version=1, exclude_self=True, max_message_size=9, batch=True)
+                      principal="p", version=1, exclude_self=True, max_message_size=9, batch=True,
+                      epoch=1, seq=1, positions=[Position(UUID(int=3), 1, 1)], recover=True, recovered=True, limit=1)
         table = struct.unpack_from("<I", full)[0]
         vtable = table - struct.unpack_from("<i", full, table)[0]
         vt_size, t_size = struct.unpack_from("<HH", full, vtable)
@@ -280,7 +297,8 @@ class HostileInputTests(unittest.SynchronousTestCase):
         past the buffer: the generated reader and the reference loop agree on the value or the complaint."""
         full = encode(Opcode.Hello, request_id=1, channel="c", watchable=Watchable("k", "i"), payload=b"p",
                       event_type=1, session=UUID(int=1), node=UUID(int=2), error_code=1, message="m", token="t",
-                      principal="p", version=1, exclude_self=True, max_message_size=9, batch=True)
+                      principal="p", version=1, exclude_self=True, max_message_size=9, batch=True,
+                      epoch=1, seq=1, positions=[Position(UUID(int=3), 1, 1)], recover=True, recovered=True, limit=1)
         table = struct.unpack_from("<I", full)[0]
         vtable = table - struct.unpack_from("<i", full, table)[0]
         seen = set()

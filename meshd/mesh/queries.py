@@ -17,13 +17,12 @@ from uuid import UUID
 
 from twisted.internet.defer import Deferred
 
-from meshd.mesh.wire import Answer, Query, encode_query
+from meshd.mesh.wire import QUERY_FEATURE, Answer, Query, encode_query
 
 if TYPE_CHECKING:
     from meshd.mesh.link import Link
 
-#: The feature a peer's LinkHello lists when it takes Query frames.
-QUERY_FEATURE = "query"
+__all__ = ["QUERY_FEATURE", "Answerer", "Queries", "Results"]
 
 
 @dataclass

@@ -54,7 +54,7 @@ from meshd.mesh.outbox import Outbox
 from meshd.mesh.queries import QUERY_FEATURE, Answerer, Queries, Results
 from meshd.mesh.tls import Credentials, node_id_of, peer_certificate
 from meshd.mesh.wire import (
-    FEATURES,
+    HISTORY_FEATURE,
     MESH_VERSION,
     Answer,
     Query,
@@ -70,10 +70,12 @@ from meshd.mesh.wire import (
     encode_peers,
     marker_frame,
     routed_frame,
+    start_frame,
 )
 
 if TYPE_CHECKING:
     from meshd.events import Event
+    from meshd.history import History
     from meshd.metrics import Metrics
     from meshd.registry import Registry
 
@@ -137,6 +139,8 @@ class Mesh(MultiService):
         deliver: Callable[[Routed], int],
         answer: "Optional[Answerer]" = None,
         node_name: str = "",
+        history: "Optional[History]" = None,
+        incarnation: int = 0,
     ) -> None:
         super().__init__()
         self.setName("mesh")
@@ -153,8 +157,10 @@ class Mesh(MultiService):
         self._deliver = deliver
         #: Answers the Query frames of peers (sessions and channel counts, disconnects); None: none are.
         self._answer = answer
+        #: This node's history channels (meshd.history): Start markers, and what peers send of them.
+        self._history = history
         self.queries = Queries(clock)
-        self.incarnation = random.getrandbits(63) + 1
+        self.incarnation = incarnation or random.getrandbits(63) + 1
         self.seq = 0
         #: A peer's numbers may jump this far (``max_sequence_gap``); ours jump at most half
         #: of it for each peer: markers are due every quarter (see :meth:`route`).
@@ -278,7 +284,8 @@ class Mesh(MultiService):
             incarnation=self.incarnation,
             version=MESH_VERSION,
             address=self.advertise,
-            features=FEATURES if self._answer is not None else (),
+            features=tuple(f for f, on in ((QUERY_FEATURE, self._answer is not None),
+                                           (HISTORY_FEATURE, self._history is not None)) if on),
             name=self.node_name,
             cursors=tuple(
                 Cursor(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
@@ -659,6 +666,7 @@ class Mesh(MultiService):
         except Violation:
             self._free_interest(peer)  # the link closes; the peer sends it all again if it links again
             raise
+        self._start_history(peer, interest.add)
 
     def _add_interest(self, peer: PeerState, channels) -> None:
         _check_names(channels)
@@ -709,10 +717,13 @@ class Mesh(MultiService):
         watchable: Optional[Watchable] = None,
         exclude_session: Optional[UUID] = None,
         exclude_node: Optional[UUID] = None,
+        seq: Optional[int] = None,
     ) -> int:
         """Send an event that originates here to the peers that need it; return how many.
 
-        Nothing while the mesh service is not running.
+        ``seq``: the number :meth:`next_seq` gave the event already (a history
+        channel's event carries it in its frame); else it takes the next one
+        if any peer needs it.  Nothing while the mesh service is not running.
         """
         if not self.running or (kind == RouteKind.WatcherNotification and not self.settings.forward_watchers):
             return 0
@@ -724,7 +735,8 @@ class Mesh(MultiService):
         ]
         if not targets:
             return 0
-        self.seq = seq = self.seq + 1
+        if seq is None:
+            self.seq = seq = self.seq + 1
         data = routed_frame(self.node_id, seq, kind, event.frame, channel, watchable, exclude_session,
                             length_prefix=True)
         try:
@@ -734,20 +746,43 @@ class Mesh(MultiService):
             return 0
         now = self.clock.seconds()
         for peer in targets:
-            outbox = peer.outbox
-            outbox.append(seq, data, now)
-            link = peer.link
-            if link is not None:
-                link.write(data)
-                peer.sent_seq = seq
-                if outbox.over:
-                    outbox.trim()  # written already; kept only in case the link breaks
-            elif outbox.over:
-                self._dropped(peer, outbox.clear(), "bytes")
+            self._send_routed(peer, seq, data, now)
         self.metrics.mesh_routed_sent += len(targets)
         if seq >= self._marks_due:
             self._mark_quiet_peers()
         return len(targets)
+
+    def _send_routed(self, peer: PeerState, seq: int, data: bytes, now: float) -> None:
+        """Write a routed frame to ``peer`` (or keep it for it while it is away, within the bounds)."""
+        outbox = peer.outbox
+        outbox.append(seq, data, now)
+        link = peer.link
+        if link is not None:
+            link.write(data)
+            peer.sent_seq = seq
+            if outbox.over:
+                outbox.trim()  # written already; kept only in case the link breaks
+        elif outbox.over:
+            self._dropped(peer, outbox.clear(), "bytes")
+
+    def _start_history(self, peer: PeerState, channels) -> None:
+        """Tell ``peer``, which just said it wants ``channels``, from which of this node's numbers on it
+        gets every event of those of them that keep history (a Start marker each; meshd.history)."""
+        history = self._history
+        if history is None or HISTORY_FEATURE not in peer.features:
+            return
+        now = self.clock.seconds()
+        for channel in channels:
+            if history.options(channel) is not None:
+                seq = self.next_seq()
+                self._send_routed(peer, seq, start_frame(self.node_id, seq, channel), now)
+
+    def next_seq(self) -> int:
+        """The next number of this node's events, for one that carries it (a history channel's)."""
+        if self.seq + 1 >= self._marks_due:
+            self._mark_quiet_peers()  # with numbers used already: none of them is this event's
+        self.seq += 1
+        return self.seq
 
     def _mark_quiet_peers(self) -> None:
         """A marker to each linked peer sent nothing for half of ``max_sequence_gap`` numbers.
@@ -782,6 +817,15 @@ class Mesh(MultiService):
             raise Violation("routed frame does not carry a client frame")
         peer.received_seq = seq
         self.metrics.mesh_routed_received += 1
+        history = self._history
+        if history is not None and routed.channel is not None:
+            if routed.kind == RouteKind.Start:
+                history.begin(routed.channel, peer.node, peer.incarnation or 0, seq)
+                return
+            if history.options(routed.channel) is not None:
+                history.record(routed.channel, peer.node, peer.incarnation or 0, seq, routed.frame)
+        elif routed.kind == RouteKind.Start:
+            return
         self._deliver(routed)
 
     def _expire(self) -> None:

@@ -32,17 +32,19 @@ from meshd.fb.mesh.RouteKind import RouteKind
 from meshd.mesh.framing import LENGTH
 
 __all__ = [
-    "FEATURES", "MESH_IDENTIFIER", "MESH_VERSION", "Answer", "Body", "ChannelCount", "Cursor", "Goodbye",
+    "HISTORY_FEATURE", "MESH_IDENTIFIER", "QUERY_FEATURE", "MESH_VERSION", "Answer", "Body", "ChannelCount", "Cursor", "Goodbye",
     "GoodbyeCode", "Heartbeat", "Interest", "LinkHello", "Malformed", "Peer", "Peers", "Query", "QueryKind",
     "RouteKind", "Routed", "decode", "encode_answers", "encode_goodbye", "encode_heartbeat", "encode_hello",
     "encode_interest", "encode_peers", "encode_query", "encode_routed", "marker_frame", "read_routed",
-    "routed_frame",
+    "routed_frame", "start_frame",
 ]
 
 MESH_IDENTIFIER = b"MSHM"
 MESH_VERSION = 1
-#: What this node's LinkHello lists in ``features``: frames a peer may send it beyond version 1's first set.
-FEATURES = ("query",)
+#: ``LinkHello.features``: frames a node takes beyond version 1's first set.  Query and Answer frames:
+QUERY_FEATURE = "query"
+#: Start markers (a Routed frame of kind Start) and history channels' positions (meshd.history):
+HISTORY_FEATURE = "history"
 Malformed = fv.Malformed
 _U64 = (1 << 64) - 1
 
@@ -533,6 +535,13 @@ def marker_frame(origin: UUID, seq: int) -> bytes:
     (see :meth:`meshd.mesh.service.Mesh.route`).
     """
     return routed_frame(origin, seq, RouteKind.ChannelMessage, _MARKER_EVENT, length_prefix=True)
+
+
+def start_frame(origin: UUID, seq: int, channel: str) -> bytes:
+    """A Start marker, with the link's length prefix: from ``seq`` on, the peer gets every event of
+    ``channel`` from ``origin`` (meshd.history).  It reaches no session; only peers whose LinkHello
+    lists :data:`HISTORY_FEATURE` are sent one."""
+    return routed_frame(origin, seq, RouteKind.Start, _MARKER_EVENT, channel, length_prefix=True)
 
 
 def _frame_bytes(buf: bytes) -> bytes:

@@ -172,8 +172,67 @@ class Frame(object):
             return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
         return False
 
+    # Frame
+    def Epoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(36))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Frame
+    def Seq(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(38))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Frame
+    def Positions(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(40))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 32
+            from meshd.fb.client.Position import Position
+            obj = Position()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Frame
+    def PositionsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(40))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Frame
+    def PositionsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(40))
+        return o == 0
+
+    # Frame
+    def Recover(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(42))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
+    # Frame
+    def Recovered(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(44))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
+    # Frame
+    def Limit(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(46))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
 def FrameStart(builder):
-    builder.StartObject(16)
+    builder.StartObject(22)
 
 def Start(builder):
     FrameStart(builder)
@@ -279,6 +338,48 @@ def FrameAddBatch(builder, batch):
 
 def AddBatch(builder, batch):
     FrameAddBatch(builder, batch)
+
+def FrameAddEpoch(builder, epoch):
+    builder.PrependUint64Slot(16, epoch, 0)
+
+def AddEpoch(builder, epoch):
+    FrameAddEpoch(builder, epoch)
+
+def FrameAddSeq(builder, seq):
+    builder.PrependUint64Slot(17, seq, 0)
+
+def AddSeq(builder, seq):
+    FrameAddSeq(builder, seq)
+
+def FrameAddPositions(builder, positions):
+    builder.PrependUOffsetTRelativeSlot(18, flatbuffers.number_types.UOffsetTFlags.py_type(positions), 0)
+
+def AddPositions(builder, positions):
+    FrameAddPositions(builder, positions)
+
+def FrameStartPositionsVector(builder, numElems):
+    return builder.StartVector(32, numElems, 8)
+
+def StartPositionsVector(builder, numElems):
+    return FrameStartPositionsVector(builder, numElems)
+
+def FrameAddRecover(builder, recover):
+    builder.PrependBoolSlot(19, recover, 0)
+
+def AddRecover(builder, recover):
+    FrameAddRecover(builder, recover)
+
+def FrameAddRecovered(builder, recovered):
+    builder.PrependBoolSlot(20, recovered, 0)
+
+def AddRecovered(builder, recovered):
+    FrameAddRecovered(builder, recovered)
+
+def FrameAddLimit(builder, limit):
+    builder.PrependUint32Slot(21, limit, 0)
+
+def AddLimit(builder, limit):
+    FrameAddLimit(builder, limit)
 
 def FrameEnd(builder):
     return builder.EndObject()

@@ -18,4 +18,5 @@ class Opcode(object):
     Pong = 12
     Batch = 13
     Refresh = 14
+    History = 15
     UserFirst = 1024

@@ -6,3 +6,4 @@ class RouteKind(object):
     Event = 0
     ChannelMessage = 1
     WatcherNotification = 2
+    Start = 3

@@ -811,6 +811,7 @@ var Opcode = /* @__PURE__ */ ((Opcode2) => {
   Opcode2[Opcode2["Pong"] = 12] = "Pong";
   Opcode2[Opcode2["Batch"] = 13] = "Batch";
   Opcode2[Opcode2["Refresh"] = 14] = "Refresh";
+  Opcode2[Opcode2["History"] = 15] = "History";
   Opcode2[Opcode2["UserFirst"] = 1024] = "UserFirst";
   return Opcode2;
 })(Opcode || {});
@@ -839,6 +840,40 @@ var Uuid = class {
     builder.prep(8, 16);
     builder.writeInt64(BigInt(lo ?? 0));
     builder.writeInt64(BigInt(hi ?? 0));
+    return builder.offset();
+  }
+};
+
+// src/gen/meshd/fb/client/position.ts
+var Position = class {
+  constructor() {
+    this.bb = null;
+    this.bb_pos = 0;
+  }
+  __init(i, bb) {
+    this.bb_pos = i;
+    this.bb = bb;
+    return this;
+  }
+  node(obj) {
+    return (obj || new Uuid()).__init(this.bb_pos, this.bb);
+  }
+  epoch() {
+    return this.bb.readUint64(this.bb_pos + 16);
+  }
+  seq() {
+    return this.bb.readUint64(this.bb_pos + 24);
+  }
+  static sizeOf() {
+    return 32;
+  }
+  static createPosition(builder, node_hi, node_lo, epoch, seq) {
+    builder.prep(8, 32);
+    builder.writeInt64(BigInt(seq ?? 0));
+    builder.writeInt64(BigInt(epoch ?? 0));
+    builder.prep(8, 16);
+    builder.writeInt64(BigInt(node_lo ?? 0));
+    builder.writeInt64(BigInt(node_hi ?? 0));
     return builder.offset();
   }
 };
@@ -985,8 +1020,36 @@ var Frame = class _Frame {
     const offset = this.bb.__offset(this.bb_pos, 34);
     return offset ? !!this.bb.readInt8(this.bb_pos + offset) : false;
   }
+  epoch() {
+    const offset = this.bb.__offset(this.bb_pos, 36);
+    return offset ? this.bb.readUint64(this.bb_pos + offset) : BigInt("0");
+  }
+  seq() {
+    const offset = this.bb.__offset(this.bb_pos, 38);
+    return offset ? this.bb.readUint64(this.bb_pos + offset) : BigInt("0");
+  }
+  positions(index, obj) {
+    const offset = this.bb.__offset(this.bb_pos, 40);
+    return offset ? (obj || new Position()).__init(this.bb.__vector(this.bb_pos + offset) + index * 32, this.bb) : null;
+  }
+  positionsLength() {
+    const offset = this.bb.__offset(this.bb_pos, 40);
+    return offset ? this.bb.__vector_len(this.bb_pos + offset) : 0;
+  }
+  recover() {
+    const offset = this.bb.__offset(this.bb_pos, 42);
+    return offset ? !!this.bb.readInt8(this.bb_pos + offset) : false;
+  }
+  recovered() {
+    const offset = this.bb.__offset(this.bb_pos, 44);
+    return offset ? !!this.bb.readInt8(this.bb_pos + offset) : false;
+  }
+  limit() {
+    const offset = this.bb.__offset(this.bb_pos, 46);
+    return offset ? this.bb.readUint32(this.bb_pos + offset) : 0;
+  }
   static startFrame(builder) {
-    builder.startObject(16);
+    builder.startObject(22);
   }
   static addOpcode(builder, opcode) {
     builder.addFieldInt16(0, opcode, 0 /* None */);
@@ -1045,6 +1108,27 @@ var Frame = class _Frame {
   }
   static addBatch(builder, batch) {
     builder.addFieldInt8(15, +batch, 0);
+  }
+  static addEpoch(builder, epoch) {
+    builder.addFieldInt64(16, epoch, BigInt("0"));
+  }
+  static addSeq(builder, seq) {
+    builder.addFieldInt64(17, seq, BigInt("0"));
+  }
+  static addPositions(builder, positionsOffset) {
+    builder.addFieldOffset(18, positionsOffset, 0);
+  }
+  static startPositionsVector(builder, numElems) {
+    builder.startVector(32, numElems, 8);
+  }
+  static addRecover(builder, recover) {
+    builder.addFieldInt8(19, +recover, 0);
+  }
+  static addRecovered(builder, recovered) {
+    builder.addFieldInt8(20, +recovered, 0);
+  }
+  static addLimit(builder, limit) {
+    builder.addFieldInt32(21, limit, 0);
   }
   static endFrame(builder) {
     const offset = builder.endObject();

@@ -6,5 +6,6 @@ export { ErrorCode } from './client/error-code.js';
 export { EventType } from './client/event-type.js';
 export { Frame } from './client/frame.js';
 export { Opcode } from './client/opcode.js';
+export { Position } from './client/position.js';
 export { Uuid } from './client/uuid.js';
 export { Watchable } from './client/watchable.js';

@@ -7,6 +7,7 @@ import * as flatbuffers from 'flatbuffers';
 import { ErrorCode } from '../../../meshd/fb/client/error-code.js';
 import { EventType } from '../../../meshd/fb/client/event-type.js';
 import { Opcode } from '../../../meshd/fb/client/opcode.js';
+import { Position } from '../../../meshd/fb/client/position.js';
 import { Uuid } from '../../../meshd/fb/client/uuid.js';
 import { Watchable } from '../../../meshd/fb/client/watchable.js';
 
@@ -131,8 +132,43 @@ batch():boolean {
   return offset ? !!this.bb!.readInt8(this.bb_pos + offset) : false;
 }
 
+epoch():bigint {
+  const offset = this.bb!.__offset(this.bb_pos, 36);
+  return offset ? this.bb!.readUint64(this.bb_pos + offset) : BigInt('0');
+}
+
+seq():bigint {
+  const offset = this.bb!.__offset(this.bb_pos, 38);
+  return offset ? this.bb!.readUint64(this.bb_pos + offset) : BigInt('0');
+}
+
+positions(index: number, obj?:Position):Position|null {
+  const offset = this.bb!.__offset(this.bb_pos, 40);
+  return offset ? (obj || new Position()).__init(this.bb!.__vector(this.bb_pos + offset) + index * 32, this.bb!) : null;
+}
+
+positionsLength():number {
+  const offset = this.bb!.__offset(this.bb_pos, 40);
+  return offset ? this.bb!.__vector_len(this.bb_pos + offset) : 0;
+}
+
+recover():boolean {
+  const offset = this.bb!.__offset(this.bb_pos, 42);
+  return offset ? !!this.bb!.readInt8(this.bb_pos + offset) : false;
+}
+
+recovered():boolean {
+  const offset = this.bb!.__offset(this.bb_pos, 44);
+  return offset ? !!this.bb!.readInt8(this.bb_pos + offset) : false;
+}
+
+limit():number {
+  const offset = this.bb!.__offset(this.bb_pos, 46);
+  return offset ? this.bb!.readUint32(this.bb_pos + offset) : 0;
+}
+
 static startFrame(builder:flatbuffers.Builder) {
-  builder.startObject(16);
+  builder.startObject(22);
 }
 
 static addOpcode(builder:flatbuffers.Builder, opcode:Opcode) {
@@ -209,6 +245,34 @@ static addMaxMessageSize(builder:flatbuffers.Builder, maxMessageSize:number) {
 
 static addBatch(builder:flatbuffers.Builder, batch:boolean) {
   builder.addFieldInt8(15, +batch, +false);
+}
+
+static addEpoch(builder:flatbuffers.Builder, epoch:bigint) {
+  builder.addFieldInt64(16, epoch, BigInt('0'));
+}
+
+static addSeq(builder:flatbuffers.Builder, seq:bigint) {
+  builder.addFieldInt64(17, seq, BigInt('0'));
+}
+
+static addPositions(builder:flatbuffers.Builder, positionsOffset:flatbuffers.Offset) {
+  builder.addFieldOffset(18, positionsOffset, 0);
+}
+
+static startPositionsVector(builder:flatbuffers.Builder, numElems:number) {
+  builder.startVector(32, numElems, 8);
+}
+
+static addRecover(builder:flatbuffers.Builder, recover:boolean) {
+  builder.addFieldInt8(19, +recover, +false);
+}
+
+static addRecovered(builder:flatbuffers.Builder, recovered:boolean) {
+  builder.addFieldInt8(20, +recovered, +false);
+}
+
+static addLimit(builder:flatbuffers.Builder, limit:number) {
+  builder.addFieldInt32(21, limit, 0);
 }
 
 static endFrame(builder:flatbuffers.Builder):flatbuffers.Offset {

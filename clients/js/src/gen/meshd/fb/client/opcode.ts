@@ -18,5 +18,6 @@ export enum Opcode {
   Pong = 12,
   Batch = 13,
   Refresh = 14,
+  History = 15,
   UserFirst = 1024
 }
