@@ -529,16 +529,22 @@ class Application(MultiService):
                 closed.append(found.id)
         return closed
 
-    def answer_query(self, query) -> "tuple[int, list[tuple[str, int]], list[UUID]]":
-        """What this node answers another's Query (meshd.mesh.queries): counts, or the sessions it closed."""
+    def answer_query(self, query):
+        """What this node answers another's Query (meshd.mesh.queries): counts, the sessions it closed,
+        or a history channel's events after positions."""
+        from meshd.mesh.queries import Reply
         from meshd.mesh.wire import QueryKind
 
         if query.kind == QueryKind.Disconnect:
-            closed = self.disconnect(principal=query.principal, session=query.session, code=query.code,
-                                     reason=query.reason)
-            return 0, [], closed
+            return Reply(closed=self.disconnect(principal=query.principal, session=query.session,
+                                                code=query.code, reason=query.reason))
+        if query.kind == QueryKind.History:
+            if self.history is None or query.channel is None:
+                return Reply()
+            events, covered = self.history.covering(query.channel, query.positions)
+            return Reply(events=events, covered=covered)
         channels = [(name, len(members)) for name, members in self.registry.channels.items()]
-        return len(self.registry.sessions), channels, []
+        return Reply(sessions=len(self.registry.sessions), channels=channels)
 
     # -- dispatch -----------------------------------------------------------------
 

@@ -144,7 +144,7 @@ def ping(request: Request) -> None:
     request.reply(Opcode.Pong, payload=request.message.payload)
 
 
-def subscribe(request: Request) -> None:
+def subscribe(request: Request) -> Optional[Deferred]:
     session, app = request.session, request.app
     channel = _channel(request)
     _require(request, SUBSCRIBE, channel)
@@ -169,11 +169,16 @@ def subscribe(request: Request) -> None:
     message = request.message
     wants = message.recover and message.positions is not None and options.recover
     entries, recovered, cut = app.history.read(channel, positions=message.positions if wants else None)
+    if wants and not recovered and app.mesh is not None:
+        from meshd.recovery import recover
+
+        return recover(app, request, channel, list(message.positions))  # the peers may cover the rest
     if recovered:
         session.send_events([e.frame for e in entries])
     registry.subscribe(session, channel)
     if message.request_id:
         request.reply(Opcode.Ack, positions=cut, recovered=recovered)
+    return None
 
 
 def history(request: Request) -> Optional[bytes]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional, Union
 from uuid import UUID
 
-from meshd.codec import EventType, Opcode, Watchable, decode, encode, encode_event
+from meshd.codec import EventType, Watchable, decode, encode_event
 from meshd.wsframes import frame_binary
 
 WatchableLike = Union[Watchable, "tuple[str, str]", None]
@@ -47,9 +47,9 @@ class Event:
         self.channel = channel
         self.watchable = as_watchable(watchable)
         self.origin_node = node_id
-        if seq:  # a history channel's event: its position is in the frame (the generic encoder writes it)
-            self.frame = encode(Opcode.Event, event_type=event_type, channel=channel, watchable=self.watchable,
-                                payload=bytes(payload), session=session_id, node=node_id, epoch=epoch, seq=seq)
+        if seq:  # a history channel's event: with its position
+            self.frame = encode_event(event_type, channel=channel, watchable=self.watchable, payload=bytes(payload),
+                                      session=session_id, node=node_id, epoch=epoch, seq=seq)
         else:
             self.frame = encode_event(
                 event_type,

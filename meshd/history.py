@@ -150,6 +150,17 @@ class History:
         if history is not None:
             history.covered[(origin, epoch)] = after
 
+    def covering(self, channel: str, positions: Iterable[Position]) -> tuple[list[bytes], list[Position]]:
+        """For a peer recovering a client: of ``positions``, those this node has every event after, and
+        those events (in the order they came here)."""
+        history = self.channels.get(channel)
+        if history is None:
+            return [], []
+        history.trim(self.clock.seconds())
+        covered = [p for p in positions if history.covered.get((p.node, p.epoch), p.seq + 1) <= p.seq]
+        after = {(p.node, p.epoch): p.seq for p in covered}
+        return [e.frame for e in history.entries if e.seq > after.get((e.origin, e.epoch), e.seq)], covered
+
     def sweep(self) -> None:
         """Drop what is past its age everywhere, and forget the channels left with nothing kept and
         no subscriber here (run now and then: memory then follows what is kept)."""

@@ -28,13 +28,15 @@ class Registry:
     deleted so that the maps hold only what has listeners.
     """
 
-    __slots__ = ("sessions", "members", "channels", "watchers", "_observers", "_member_observers")
+    __slots__ = ("sessions", "members", "channels", "watchers", "pins", "_observers", "_member_observers")
 
     def __init__(self) -> None:
         self.sessions: dict[UUID, Session] = {}
         self.members: set[Session] = set()
         self.channels: dict[str, set[Session]] = {}
         self.watchers: dict[Watchable, set[Session]] = {}
+        #: Channels held without a subscriber, and by how many holders (:meth:`pin`).
+        self.pins: dict[str, int] = {}
         self._observers: list[ChannelObserver] = []
         self._member_observers: list[MemberObserver] = []
 
@@ -90,9 +92,25 @@ class Registry:
         members = self.channels.get(channel)
         if members is None:
             members = self.channels[channel] = set()
-            self._tell(channel, True)
+            if channel not in self.pins:
+                self._tell(channel, True)
         members.add(session)
         return True
+
+    def pin(self, channel: str) -> None:
+        """Hold interest in ``channel`` without a subscriber (a subscription being recovered): the
+        observers hear of it as of a first subscriber; :meth:`unpin` lets it go."""
+        pins = self.pins.get(channel, 0)
+        if not pins and channel not in self.channels:
+            self._tell(channel, True)
+        self.pins[channel] = pins + 1
+
+    def unpin(self, channel: str) -> None:
+        pins = self.pins.pop(channel) - 1
+        if pins:
+            self.pins[channel] = pins
+        elif channel not in self.channels:
+            self._tell(channel, False)
 
     def unsubscribe(self, session: Session, channel: str) -> bool:
         """Unsubscribe; return False if the session was not subscribed."""
@@ -106,7 +124,7 @@ class Registry:
         for observer in self._member_observers:
             observer(channel, session, False)
         _discard(self.channels, channel, session)
-        if channel not in self.channels:
+        if channel not in self.channels and channel not in self.pins:
             self._tell(channel, False)
 
     def watch(self, session: Session, watchable: Watchable) -> bool:

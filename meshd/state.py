@@ -104,26 +104,37 @@ class Clients:
         """
         state = self._state
         exclude = _one(exclude, exclude_session, "exclude", "exclude_session")
-        epoch, seq = state._position(channel)
+        history = state.history
+        if history is not None and history.options(channel) is not None:
+            return self._with_history(channel, frame, exclude, local_only, instance)
         if not isinstance(frame, Event):
             frame = Event(
                 EventType.ChannelEvent,
                 channel=channel,
                 payload=frame,
                 session_id=instance,
-                node_id=state.node_id if seq else node_id or state.node_id,
-                epoch=epoch,
-                seq=seq,
+                node_id=node_id or state.node_id,
             )
-        elif seq:
-            frame = frame.positioned(channel, state.node_id, epoch, seq)
         elif frame.channel != channel:
             frame = _with_channel(frame, channel)
-        if seq:
-            state._keep(channel, epoch, seq, frame)
         if not local_only:
-            state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude,
-                               seq=seq or None)
+            state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude)
+        return state._emit(CHANNEL, frame, exclude)
+
+    def _with_history(self, channel: str, frame: Union[Event, bytes], exclude: Optional[UUID], local_only: bool,
+                      instance: Optional[UUID]) -> int:
+        """:meth:`broadcast_to_channel` on a history channel: the event gets its position (with this node
+        as its origin, whatever ``node_id`` said) and is kept (meshd.history)."""
+        state = self._state
+        epoch, seq = state._position(channel)
+        if isinstance(frame, Event):
+            frame = frame.positioned(channel, state.node_id, epoch, seq)
+        else:
+            frame = Event(EventType.ChannelEvent, channel=channel, payload=frame, session_id=instance,
+                          node_id=state.node_id, epoch=epoch, seq=seq)
+        state._keep(channel, epoch, seq, frame)
+        if not local_only:
+            state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude, seq=seq)
         return state._emit(CHANNEL, frame, exclude)
 
 

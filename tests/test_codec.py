@@ -126,17 +126,21 @@ class FastEventEncoderTests(unittest.SynchronousTestCase):
     @given(
         st.integers(0, 0xFFFF), st.none() | texts, st.none() | st.builds(Watchable, texts, texts),
         st.none() | st.binary(max_size=300), st.none() | uuids, st.none() | uuids,
+        st.just((0, 0)) | st.tuples(st.integers(0, (1 << 64) - 1), st.integers(1, (1 << 64) - 1)),
     )
-    def test_same_frame_as_the_builder(self, event_type, channel, watchable, payload, session, node) -> None:
-        """encode_event means exactly what the generated builder's Event frame means."""
-        fields = dict(channel=channel, watchable=watchable, payload=payload, session=session, node=node)
+    def test_same_frame_as_the_builder(self, event_type, channel, watchable, payload, session, node,
+                                       position) -> None:
+        """encode_event means exactly what the generated builder's Event frame means, with a position
+        (a history channel's event) or without."""
+        epoch, seq = position
+        fields = dict(channel=channel, watchable=watchable, payload=payload, session=session, node=node,
+                      epoch=epoch, seq=seq)
         fast = encode_event(event_type, **fields)
         self.assertEqual(decode(fast), decode(encode(Opcode.Event, event_type=event_type, **fields)))
         f = Frame.GetRootAs(fast, 0)
-        self.assertEqual((f.Opcode(), f.EventType()), (Opcode.Event, event_type))
-        if session is not None:
-            root = int.from_bytes(fast[:4], "little")
-            self.assertEqual((root + 8) % 8, 0, "the Uuid struct is 8-byte aligned")
+        self.assertEqual((f.Opcode(), f.EventType(), f.Epoch(), f.Seq()), (Opcode.Event, event_type, epoch, seq))
+        root = int.from_bytes(fast[:4], "little")
+        self.assertEqual(root % 8, 0, "the table, its Uuid structs and its 64-bit fields are 8-byte aligned")
 
     def test_kept_prefixes(self) -> None:
         """Events that share type, channel, session and node, with payloads of every length mod 4, all decode."""
@@ -169,6 +173,9 @@ class FastEventEncoderTests(unittest.SynchronousTestCase):
         self.assertEqual(parsed["watchable"], {"kind": "doc", "id": "42"})
         self.assertEqual(parsed["payload"], [0, 1, 2])
         self.assertEqual((parsed["node"]["hi"] << 64) | parsed["node"]["lo"], node.int)
+        positioned = flatc_json("client.fbs", encode_event(EventType.ChannelEvent, channel="c", payload=b"p",
+                                                           node=node, epoch=(1 << 63) + 5, seq=123456))
+        self.assertEqual((int(positioned["epoch"]), int(positioned["seq"])), ((1 << 63) + 5, 123456))
 
 
 class HostileInputTests(unittest.SynchronousTestCase):

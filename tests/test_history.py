@@ -19,7 +19,8 @@ from .meshsupport import MeshTestCase
 from .support import NodeTestCase
 
 CHANNELS = (ChannelOptions("chat.*", history_size=100, history_ttl=60.0, recover=True),
-            ChannelOptions("log.*", history_size=5))
+            ChannelOptions("log.*", history_size=5),
+            ChannelOptions("room.*", history_size=2000, recover=True))
 ME, PEER = UUID(int=1), UUID(int=2)
 
 
@@ -229,6 +230,59 @@ class MeshHistoryTests(MeshTestCase):
         self.assertTrue(answer.recovered)
         await self.settle(late)
         self.assertEqual([e.payload for e in events_of(late)], expected)
+
+    async def test_recover_over_the_mesh(self) -> None:
+        """A subscriber away while 1,000 events are published recovers them, in order and once, from a node
+        that did not follow the channel, which gets them from their origin over the mesh:
+        on the node the client left (which lost interest with it), on a third node, and after the
+        node it left is killed; live events follow, none twice."""
+        a, b, c = await self.history_cluster(3)
+        sub = await self.client_of(a)
+        ack = await sub.request(Opcode.Subscribe, channel="room.x")
+        await self.interest_settled([a, b, c], "room.x", [a])
+        await self.wait_for(lambda: a.app.history.channels.get("room.x") is not None and (
+            b.app.node_id, b.app.incarnation) in a.app.history.channels["room.x"].covered, "b's Start marker")
+        publisher = await self.client_of(b)
+        await publisher.publish("room.x", b"first")
+        await self.wait_for(lambda: len(sub.received) == 1, "the first event")
+        [first] = sub.received
+        positions = [Position(first.node, first.epoch, first.seq)] + [
+            p for p in ack.positions if p.node != first.node]
+        await sub.close()
+        await self.interest_settled([a, b, c], "room.x", [])  # nobody follows the channel now
+        expected = [b"m%d" % i for i in range(1000)]
+        for data in expected:
+            await publisher.publish("room.x", data)
+        for label, node in (("a", a), ("c", c)):
+            again = await self.client_of(node)
+            answer = await again.request(Opcode.Subscribe, channel="room.x", recover=True, positions=positions)
+            self.assertTrue(answer.recovered, label)
+            live = b"live on " + label.encode()
+            await publisher.publish("room.x", live)
+            await self.wait_for(lambda: any(e.payload == live for e in events_of(again)), "the live event")
+            expected.append(live)
+            self.assertEqual([e.payload for e in events_of(again)], expected, label)
+        await a.app.stopService()
+        for node in (c, b):
+            late = await self.client_of(node)
+            answer = await late.request(Opcode.Subscribe, channel="room.x", recover=True, positions=positions)
+            self.assertTrue(answer.recovered)
+            await self.settle(late)
+            self.assertEqual([e.payload for e in events_of(late)], expected)
+
+    async def test_not_recovered_when_nobody_vouches(self) -> None:
+        """Positions of an origin that is gone and that no node followed are not recovered: nothing is
+        replayed, the Ack says so, and the session is subscribed all the same."""
+        a, b = await self.history_cluster(2)
+        gone = Position(UUID(int=99), 5, 10)
+        client = await self.client_of(a)
+        answer = await client.request(Opcode.Subscribe, channel="chat.room", recover=True, positions=[gone])
+        self.assertFalse(answer.recovered)
+        publisher = await self.client_of(b)
+        await self.interest_settled([a, b], "chat.room", [a])
+        await publisher.publish("chat.room", b"after")
+        await self.wait_for(lambda: len(events_of(client)) == 1, "the live event")
+        self.assertEqual(a.app.registry.pins, {})
 
     async def test_markers_need_the_feature(self) -> None:
         """A node older than history (no "history" feature) is sent no Start marker."""

@@ -286,13 +286,14 @@ class HeartbeatTests(LinkTestCase):
     def test_queries_between_links(self) -> None:
         """A Query crosses a link and its Answer comes back; a peer whose LinkHello does not list the
         feature (a node older than it) is not sent one and is reported missing."""
+        from meshd.mesh.queries import Reply
         from meshd.mesh.wire import Query, QueryKind
 
         asked = []
 
         def answer(query):
             asked.append(query)
-            return 5, [("room", 2)], []
+            return Reply(sessions=5, channels=[("room", 2)])
 
         a, b, old = self.node(0, answer=answer), self.node(1, answer=answer), self.node(2)
         pumps = [self.pair(a, other)[2] for other in (b, old)]

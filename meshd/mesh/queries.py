@@ -17,12 +17,13 @@ from uuid import UUID
 
 from twisted.internet.defer import Deferred
 
+from meshd.codec import Position
 from meshd.mesh.wire import QUERY_FEATURE, Answer, Query, encode_query
 
 if TYPE_CHECKING:
     from meshd.mesh.link import Link
 
-__all__ = ["QUERY_FEATURE", "Answerer", "Queries", "Results"]
+__all__ = ["QUERY_FEATURE", "Answerer", "Queries", "Reply", "Results"]
 
 
 @dataclass
@@ -117,5 +118,15 @@ class Queries:
         pending.done.callback(pending.results)
 
 
-#: What a node answers a query with: (sessions, [(channel, subscribers)], [closed session ids]).
-Answerer = Callable[[Query], "tuple[int, list[tuple[str, int]], list[UUID]]"]
+@dataclass(frozen=True)
+class Reply:
+    """What a node answers a query with (as many Answer frames as it takes)."""
+
+    sessions: int = 0  # Stats
+    channels: "Iterable[tuple[str, int]]" = ()  # Stats: (channel, subscribers)
+    closed: "Iterable[UUID]" = ()  # Disconnect: the sessions closed
+    events: "Iterable[bytes]" = ()  # History: Event frames
+    covered: "Iterable[Position]" = ()  # History: the positions the events are complete after
+
+
+Answerer = Callable[[Query], Reply]

@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from meshd.metrics import Metrics
     from meshd.registry import Registry
 
+_START = RouteKind.Start
 #: A port 0 in a tcp/tcp6 endpoint description (``tcp:0:...``, ``tcp:port=0:...``).
 _UNBOUND_PORT = re.compile(r"^(tcp6?:(?:port=)?)0(?=:|$)")
 
@@ -516,8 +517,9 @@ class Mesh(MultiService):
         """A peer's Query: answer it on the same link, split to fit the frame size."""
         if self._answer is None:
             raise Violation("a Query, which this node did not offer to answer")
-        sessions, channels, closed = self._answer(query)
-        for payload in encode_answers(query.id, self._budget(), sessions, channels, closed):
+        reply = self._answer(query)
+        for payload in encode_answers(query.id, self._budget(), reply.sessions, list(reply.channels),
+                                      list(reply.closed), list(reply.events), list(reply.covered)):
             link.send(payload)
 
     def answer_received(self, link: Link, answer: Answer) -> None:
@@ -632,6 +634,10 @@ class Mesh(MultiService):
     def _interest_changed(self, channel: str, present: bool) -> None:
         self._pending_interest[channel] = present
         self.turn.want(EndOfTurn.ANNOUNCE)
+
+    def announce_now(self) -> None:
+        """Send this turn's changes of interest now, so that frames sent after it follow them."""
+        self._flush_interest()
 
     def _flush_interest(self) -> None:
         pending, self._pending_interest = self._pending_interest, {}
@@ -817,15 +823,13 @@ class Mesh(MultiService):
             raise Violation("routed frame does not carry a client frame")
         peer.received_seq = seq
         self.metrics.mesh_routed_received += 1
-        history = self._history
-        if history is not None and routed.channel is not None:
-            if routed.kind == RouteKind.Start:
-                history.begin(routed.channel, peer.node, peer.incarnation or 0, seq)
-                return
-            if history.options(routed.channel) is not None:
-                history.record(routed.channel, peer.node, peer.incarnation or 0, seq, routed.frame)
-        elif routed.kind == RouteKind.Start:
+        if routed.kind == _START:
+            if self._history is not None and routed.channel is not None:
+                self._history.begin(routed.channel, peer.node, peer.incarnation or 0, seq)
             return
+        history = self._history
+        if history is not None and routed.channel is not None and history.options(routed.channel) is not None:
+            history.record(routed.channel, peer.node, peer.incarnation or 0, seq, routed.frame)
         self._deliver(routed)
 
     def _expire(self) -> None:

@@ -12,7 +12,9 @@ from uuid import UUID
 import flatbuffers
 
 from meshd import flatverify as fv
-from meshd.codec import PADDING, WATCHABLE, EventType, Watchable, encode_event, string_part, watchable_part
+from meshd.codec import PADDING, WATCHABLE, EventType, Position, Watchable, encode_event, string_part, watchable_part
+from meshd.codec import batch_payload as _batch_payload
+from meshd.fb.client.Position import CreatePosition
 from meshd.fb.client.Uuid import CreateUuid
 from meshd.fb.mesh import Answer as A
 from meshd.fb.mesh import ChannelCount as CC
@@ -120,6 +122,8 @@ class Query:
     session: Optional[UUID] = None
     code: int = 0
     reason: str = ""
+    channel: Optional[str] = None
+    positions: tuple[Position, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class Answer:
     sessions: int = 0
     channels: tuple[ChannelCount, ...] = ()
     closed: tuple[UUID, ...] = ()
+    events: bytes = b""
+    covered: tuple[Position, ...] = ()
 
 
 MeshFrame = Union[LinkHello, Heartbeat, Routed, Interest, Peers, Goodbye, Query, Answer]
@@ -210,8 +216,10 @@ _QUERY = fv.Table(
         fv.Field("session", fv.UUID_STRUCT),
         fv.Field("code", fv.U16),
         fv.Field("reason", fv.STRING),
+        fv.Field("channel", fv.STRING),
+        fv.Field("positions", fv.POSITIONS),
     ),
-    _make(Query),
+    _make(Query, ("positions",)),
 )
 _CHANNEL_COUNT = fv.Table(
     "ChannelCount",
@@ -226,8 +234,10 @@ _ANSWER = fv.Table(
         fv.Field("sessions", fv.U32),
         fv.Field("channels", fv.TABLES, _CHANNEL_COUNT),
         fv.Field("closed", fv.UUIDS),
+        fv.Field("events", fv.BYTES),
+        fv.Field("covered", fv.POSITIONS),
     ),
-    _make(Answer, ("channels", "closed")),
+    _make(Answer, ("channels", "closed", "covered")),
 )
 _FRAME = fv.Table(
     "Frame",
@@ -347,10 +357,20 @@ def encode_heartbeat(acked: int, ping: int = 0, pong: int = 0) -> bytes:
     return _finish(b, Body.Heartbeat, H.End(b))
 
 
+def _positions(b: flatbuffers.Builder, positions) -> int:
+    b.StartVector(32, len(positions), 8)
+    for p in reversed(positions):
+        n = p.node.int
+        CreatePosition(b, n >> 64, n & _U64, p.epoch, p.seq)
+    return b.EndVector()
+
+
 def encode_query(query: Query) -> bytes:
     b = flatbuffers.Builder(128)
     principal = b.CreateString(query.principal) if query.principal is not None else 0
     reason = b.CreateString(query.reason) if query.reason else 0
+    channel = b.CreateString(query.channel) if query.channel is not None else 0
+    positions = _positions(b, query.positions) if query.positions else 0
     Q.Start(b)
     Q.AddId(b, query.id)
     Q.AddKind(b, query.kind)
@@ -361,11 +381,18 @@ def encode_query(query: Query) -> bytes:
     Q.AddCode(b, query.code)
     if reason:
         Q.AddReason(b, reason)
+    if channel:
+        Q.AddChannel(b, channel)
+    if positions:
+        Q.AddPositions(b, positions)
     return _finish(b, Body.Query, Q.End(b))
 
 
-def _encode_answer(id: int, more: bool, sessions: int, channels, closed) -> bytes:
-    b = flatbuffers.Builder(256)
+def _encode_answer(id: int, more: bool, sessions: int, channels, closed, events: bytes = b"",
+                   covered=()) -> bytes:
+    b = flatbuffers.Builder(256 + len(events))
+    event_vector = b.CreateByteVector(events) if events else 0
+    covered_vector = _positions(b, covered) if covered else 0
     counts = []
     for channel, subscribers in channels:
         name = b.CreateString(channel)
@@ -384,27 +411,36 @@ def _encode_answer(id: int, more: bool, sessions: int, channels, closed) -> byte
     A.AddSessions(b, sessions)
     A.AddChannels(b, count_vector)
     A.AddClosed(b, closed_vector)
+    if event_vector:
+        A.AddEvents(b, event_vector)
+    if covered_vector:
+        A.AddCovered(b, covered_vector)
     return _finish(b, Body.Answer, A.End(b))
 
 
-def encode_answers(id: int, budget: int, sessions: int = 0, channels=(), closed=()) -> list[bytes]:
-    """The Answer frames to query ``id``: ``channels`` ((name, subscribers) pairs) and ``closed``
-    split so that each frame stays within ``budget`` bytes; all but the last have ``more`` set."""
-    parts: list[tuple[list, list]] = []
-    part: tuple[list, list] = ([], [])
+def encode_answers(id: int, budget: int, sessions: int = 0, channels=(), closed=(), events=(),
+                   covered=()) -> list[bytes]:
+    """The Answer frames to query ``id``: ``channels`` ((name, subscribers) pairs), ``closed`` and
+    ``events`` (Event frames) split so that each frame stays within ``budget`` bytes (an event larger
+    than that goes alone); all but the last have ``more`` set; ``covered`` goes in the last."""
+    kinds = (("c", channels, lambda c: len(c[0].encode("utf-8")) + 24), ("s", closed, lambda s: 16),
+             ("e", events, lambda e: len(e) + 4))
+    parts: list[dict] = []
+    part: dict = {"c": [], "s": [], "e": []}
     used = 0
-    for item, size in [(("c", c), len(c[0].encode("utf-8")) + 24) for c in channels] + [
-        (("s", s), 16) for s in closed
-    ]:
-        if used + size > budget and (part[0] or part[1]):
-            parts.append(part)
-            part, used = ([], []), 0
-        (part[0] if item[0] == "c" else part[1]).append(item[1])
-        used += size
+    for kind, items, size_of in kinds:
+        for item in items:
+            size = size_of(item)
+            if used + size > budget and any(part.values()):
+                parts.append(part)
+                part, used = {"c": [], "s": [], "e": []}, 0
+            part[kind].append(item)
+            used += size
     parts.append(part)
+    last = len(parts) - 1
     return [
-        _encode_answer(id, i < len(parts) - 1, sessions, counts, ids)
-        for i, (counts, ids) in enumerate(parts)
+        _encode_answer(id, i < last, sessions, p["c"], p["s"], _batch_payload(p["e"]), covered if i == last else ())
+        for i, p in enumerate(parts)
     ]
 
 

@@ -98,8 +98,59 @@ class Answer(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
         return o == 0
 
+    # Answer
+    def Events(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 1))
+        return 0
+
+    # Answer
+    def EventsAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint8Flags, o)
+        return 0
+
+    # Answer
+    def EventsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Answer
+    def EventsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        return o == 0
+
+    # Answer
+    def Covered(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 32
+            from meshd.fb.client.Position import Position
+            obj = Position()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Answer
+    def CoveredLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Answer
+    def CoveredIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        return o == 0
+
 def AnswerStart(builder):
-    builder.StartObject(5)
+    builder.StartObject(7)
 
 def Start(builder):
     AnswerStart(builder)
@@ -145,6 +196,30 @@ def AnswerStartClosedVector(builder, numElems):
 
 def StartClosedVector(builder, numElems):
     return AnswerStartClosedVector(builder, numElems)
+
+def AnswerAddEvents(builder, events):
+    builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(events), 0)
+
+def AddEvents(builder, events):
+    AnswerAddEvents(builder, events)
+
+def AnswerStartEventsVector(builder, numElems):
+    return builder.StartVector(1, numElems, 1)
+
+def StartEventsVector(builder, numElems):
+    return AnswerStartEventsVector(builder, numElems)
+
+def AnswerAddCovered(builder, covered):
+    builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(covered), 0)
+
+def AddCovered(builder, covered):
+    AnswerAddCovered(builder, covered)
+
+def AnswerStartCoveredVector(builder, numElems):
+    return builder.StartVector(32, numElems, 8)
+
+def StartCoveredVector(builder, numElems):
+    return AnswerStartCoveredVector(builder, numElems)
 
 def AnswerEnd(builder):
     return builder.EndObject()

@@ -74,8 +74,39 @@ class Query(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Query
+    def Channel(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # Query
+    def Positions(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 32
+            from meshd.fb.client.Position import Position
+            obj = Position()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Query
+    def PositionsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Query
+    def PositionsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        return o == 0
+
 def QueryStart(builder):
-    builder.StartObject(6)
+    builder.StartObject(8)
 
 def Start(builder):
     QueryStart(builder)
@@ -115,6 +146,24 @@ def QueryAddReason(builder, reason):
 
 def AddReason(builder, reason):
     QueryAddReason(builder, reason)
+
+def QueryAddChannel(builder, channel):
+    builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(channel), 0)
+
+def AddChannel(builder, channel):
+    QueryAddChannel(builder, channel)
+
+def QueryAddPositions(builder, positions):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(positions), 0)
+
+def AddPositions(builder, positions):
+    QueryAddPositions(builder, positions)
+
+def QueryStartPositionsVector(builder, numElems):
+    return builder.StartVector(32, numElems, 8)
+
+def StartPositionsVector(builder, numElems):
+    return QueryStartPositionsVector(builder, numElems)
 
 def QueryEnd(builder):
     return builder.EndObject()

@@ -5,3 +5,4 @@
 class QueryKind(object):
     Stats = 0
     Disconnect = 1
+    History = 2
