@@ -215,7 +215,7 @@ class Application(MultiService):
         from meshd.history import History
 
         history = History(ChannelTable(config.channels), self.clock, self.node_id, self.incarnation,
-                           own_seq=lambda: self.state.router.seq, subscribed=self.registry.channels.__contains__)
+                           subscribed=self.registry.channels.__contains__)
         # Without subscribers here, peers stop sending a channel: what this node holds of them ends there.
         self.registry.observe(lambda channel, present: None if present else history.end(channel))
         sweep = TimerService(HISTORY_SWEEP, history.sweep)
@@ -528,6 +528,19 @@ class Application(MultiService):
                 found.lifecycle.close(code, reason)
                 closed.append(found.id)
         return closed
+
+    def positions_now(self, channel: str, cut: "list") -> "list":
+        """Where ``channel`` is now, for a Subscribe or History Ack: the history's ``cut``, and for each
+        linked peer it does not name yet (its Start marker is on its way), the last number received
+        from that peer: its events on the channel up to there were published before this node's
+        interest could reach it."""
+        from meshd.codec import Position
+
+        if self.mesh is None:
+            return cut
+        named = {p.node for p in cut}
+        return cut + [Position(node, incarnation, seq) for node, incarnation, seq in self.mesh.received()
+                      if node not in named]
 
     def answer_query(self, query):
         """What this node answers another's Query (meshd.mesh.queries): counts, the sessions it closed,

@@ -177,7 +177,7 @@ def subscribe(request: Request) -> Optional[Deferred]:
         session.send_events([e.frame for e in entries])
     registry.subscribe(session, channel)
     if message.request_id:
-        request.reply(Opcode.Ack, positions=cut, recovered=recovered)
+        request.reply(Opcode.Ack, positions=app.positions_now(channel, cut), recovered=recovered)
     return None
 
 
@@ -194,7 +194,8 @@ def history(request: Request) -> Optional[bytes]:
         raise ProtocolError(ErrorCode.InvalidArgument, f"channel {channel!r} keeps no history ([[channels]])")
     limit = message.limit or HISTORY_LIMIT
     entries, recovered, cut = app.history.read(channel, min(limit, HISTORY_LIMIT), message.positions)
-    request.reply(Opcode.Ack, payload=batch_payload([e.frame for e in entries]), positions=cut,
+    request.reply(Opcode.Ack, payload=batch_payload([e.frame for e in entries]),
+                  positions=app.positions_now(channel, cut),
                   recovered=recovered)
     return None
 

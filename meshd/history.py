@@ -107,13 +107,14 @@ class History:
     """Every history channel's :class:`ChannelHistory` on this node."""
 
     def __init__(self, table: ChannelTable, clock, node_id: UUID, epoch: int,
-                 own_seq: Callable[[], int] = lambda: 0, subscribed: Callable[[str], bool] = lambda c: False) -> None:
+                 subscribed: Callable[[str], bool] = lambda c: False) -> None:
         self.table = table
         self.clock = clock
         self.node_id = node_id
         self.epoch = epoch
-        #: The number of this node's last event: its own coverage of a channel starts there.
-        self._own_seq = own_seq
+        #: This node's own events of a channel it holds nothing of are all gone up to this number (those
+        #: of the channels :meth:`sweep` forgot): it vouches for its own events from there.
+        self.floor = 0
         #: Whether this node has subscribers for a channel (a channel without them and without
         #: events kept is forgotten by :meth:`sweep`).
         self._subscribed = subscribed
@@ -134,8 +135,8 @@ class History:
             if options is None:
                 return None
             found = self.channels[channel] = ChannelHistory(options)
-            # This node's own events: all from now on (none of this channel is kept from before).
-            found.covered[(self.node_id, self.epoch)] = self._own_seq()
+            # This node's own events: every one after the floor (none of this channel since it).
+            found.covered[(self.node_id, self.epoch)] = self.floor
         return found
 
     def record(self, channel: str, origin: UUID, epoch: int, seq: int, frame: bytes) -> None:
@@ -154,8 +155,9 @@ class History:
         """For a peer recovering a client: of ``positions``, those this node has every event after, and
         those events (in the order they came here)."""
         history = self.channels.get(channel)
-        if history is None:
-            return [], []
+        if history is None:  # nothing of it since the floor, this node's own events included
+            own = (self.node_id, self.epoch)
+            return [], [p for p in positions if (p.node, p.epoch) == own and p.seq >= self.floor]
         history.trim(self.clock.seconds())
         covered = [p for p in positions if history.covered.get((p.node, p.epoch), p.seq + 1) <= p.seq]
         after = {(p.node, p.epoch): p.seq for p in covered}
@@ -168,6 +170,8 @@ class History:
         for channel, history in list(self.channels.items()):
             history.trim(now)
             if not history.entries and not self._subscribed(channel):
+                own = history.covered.get((self.node_id, self.epoch), 0)
+                self.floor = max(self.floor, own, history.latest.get((self.node_id, self.epoch), 0))
                 del self.channels[channel]
 
     def end(self, channel: str) -> None:

@@ -56,7 +56,8 @@ def recover(app: "Application", request: "Request", channel: str, positions: "li
                 session.send_events(replay)
             registry.subscribe(session, channel)
             if request.message.request_id:
-                request.reply(Opcode.Ack, positions=history.read(channel)[2], recovered=replay is not None)
+                request.reply(Opcode.Ack, positions=app.positions_now(channel, history.read(channel)[2]),
+                              recovered=replay is not None)
         finally:
             registry.unpin(channel)
 

@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     class Router(Protocol):
         #: This node's incarnation: random at each start (a history event's ``epoch``).
         incarnation: int
-        #: The number of this node's last event.
-        seq: int
 
         def route(self, kind: int, event: Event, *, channel: Optional[str] = None, watchable=None,
                   exclude_session: Optional[UUID] = None, exclude_node: Optional[UUID] = None,

@@ -92,15 +92,18 @@ class HistoryStoreTests(unittest.SynchronousTestCase):
     def test_sweep_forgets_empty_channels(self) -> None:
         """A channel with nothing kept and no subscriber here is forgotten; coming back, this node vouches
         for its own events from then on only."""
-        self.history = History(ChannelTable(CHANNELS), self.clock, ME, 7, own_seq=lambda: 40,
+        self.history = History(ChannelTable(CHANNELS), self.clock, ME, 7,
                                subscribed=lambda channel: channel == "chat.kept")
         self.record(ME, 41, channel="chat.gone")
         self.record(ME, 42, channel="chat.kept")
         self.clock.advance(61)  # chat.* keeps events 60 s
         self.history.sweep()
         self.assertEqual(sorted(self.history.channels), ["chat.kept"])
-        self.assertEqual(self.history.read("chat.gone", positions=[Position(ME, 7, 30)])[1], False)
-        self.assertEqual(self.history.read("chat.gone", positions=[Position(ME, 7, 40)])[1], True)
+        self.assertEqual(self.history.floor, 41)
+        self.assertEqual(self.history.covering("chat.gone", [Position(ME, 7, 40), Position(ME, 7, 41)]),
+                         ([], [Position(ME, 7, 41)]))
+        self.assertEqual(self.history.read("chat.gone", positions=[Position(ME, 7, 40)])[1], False)
+        self.assertEqual(self.history.read("chat.gone", positions=[Position(ME, 7, 41)])[1], True)
 
     def test_limit_keeps_the_latest(self) -> None:
         for seq in range(1, 11):

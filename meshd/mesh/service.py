@@ -708,6 +708,11 @@ class Mesh(MultiService):
             for channel in peer.interests:
                 observer(peer.node, channel, True)
 
+    def received(self) -> "list[tuple[UUID, int, int]]":
+        """For each peer linked now: its node id, incarnation and the last number received from it."""
+        return [(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
+                if p.link is not None and p.link.is_open]
+
     def linked(self) -> list[UUID]:
         """The nodes linked with this one now."""
         return [peer.node for peer in self.peers.values() if peer.link is not None and peer.link.is_open]
