@@ -1,6 +1,6 @@
 import { ErrorCode, EventType, Opcode } from './gen/meshd/fb/client.js';
 import { ConnectionClosedError, MeshError, RequestTimeoutError } from './errors.js';
-import { decodeFrame, encodeFrame, splitBatch, type InFrame, type OutFrame } from './frames.js';
+import { decodeFrame, encodeFrame, splitBatch, type InFrame, type OutFrame, type Position } from './frames.js';
 import { jwtExpiry } from './jwt.js';
 
 /** The WebSocket subprotocol of meshd client protocol version 1. */
@@ -55,6 +55,12 @@ export interface MeshClientOptions {
   requestTimeout?: number;
   /** Send a protocol Ping this often, in seconds, and reconnect when one is not answered in time (default 0: off). */
   pingInterval?: number;
+  /**
+   * Recover history channels on every reconnection (default true): subscribe again with
+   * `recover` and the positions received, so that the events missed come first. False: subscribe
+   * again plainly (events published meanwhile are lost).
+   */
+  recover?: boolean;
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'disconnected' | 'closed';
@@ -105,6 +111,53 @@ export interface MeshEvent {
   session?: string;
   /** The origin node. */
   node?: string;
+  /** On a history channel: the origin node's incarnation (0n on other channels). */
+  epoch: bigint;
+  /** On a history channel: the event's number among its origin's events (0n on other channels). */
+  seq: bigint;
+  /** On a history channel: `{ node, epoch, seq }`; absent on other channels (seq 0). */
+  position?: Position;
+  /** True for an event replayed by a recovery (sent before the Ack of a Subscribe with `recover`), false for live events. */
+  recovered: boolean;
+}
+
+/** Options of `subscribe()`. */
+export interface SubscribeOptions {
+  /**
+   * Recover from these positions (for example stored by the application before a page reload):
+   * the channel's events after them come first, flagged `recovered`, and `unrecovered` is
+   * emitted when the node cannot tell that none is missing. Only used when the channel is not
+   * held yet.
+   */
+  positions?: readonly PositionLike[];
+}
+
+/** A position as `history()` and `subscribe()` accept it: `epoch` and `seq` may be numbers. */
+export interface PositionLike {
+  node: string;
+  epoch: bigint | number;
+  seq: bigint | number;
+}
+
+export interface HistoryOptions {
+  /** The latest this many events (the node sends at most 1000). */
+  limit?: number;
+  /** Only the events after these positions; `recovered` then says whether none is missing. */
+  positions?: readonly PositionLike[];
+}
+
+export interface HistoryResult {
+  /** The events, in the order the node got them (in order per origin). */
+  events: MeshEvent[];
+  /** Where the channel is now, as this node knows it. */
+  positions: Position[];
+  /** With `positions`: whether the node can tell that nothing after them is missing (false without `positions`). */
+  recovered: boolean;
+}
+
+/** What the `unrecovered` listener gets: a history channel whose missed events could not be recovered. */
+export interface Unrecovered {
+  channel: string;
 }
 
 export type EventHandler = (event: MeshEvent) => void;
@@ -121,6 +174,7 @@ interface EventMap {
   welcome: Welcome;
   error: Error;
   event: MeshEvent;
+  unrecovered: Unrecovered;
 }
 
 type Listener<T> = (value: T) => void;
@@ -129,6 +183,8 @@ interface Pending {
   resolve: (frame: InFrame) => void;
   reject: (error: Error) => void;
   timer: ReturnType<typeof setTimeout>;
+  /** Called synchronously when the request ends: with its Ack, or undefined (Error, timeout, connection lost). */
+  onEnd: ((frame: InFrame | undefined) => void) | undefined;
 }
 
 interface Waiter {
@@ -164,6 +220,10 @@ class MeshEventImpl implements MeshEvent {
   data: Uint8Array;
   session?: string;
   node?: string;
+  epoch: bigint;
+  seq: bigint;
+  position?: Position;
+  recovered = false;
 
   constructor(f: InFrame) {
     this.type = f.eventType;
@@ -173,6 +233,9 @@ class MeshEventImpl implements MeshEvent {
     this.data = f.payload ?? new Uint8Array(0);
     if (f.session !== undefined) this.session = f.session;
     if (f.node !== undefined) this.node = f.node;
+    this.epoch = f.epoch;
+    this.seq = f.seq;
+    if (f.seq > 0n && f.node !== undefined) this.position = { node: f.node, epoch: f.epoch, seq: f.seq };
   }
 
   text(): string {
@@ -182,6 +245,21 @@ class MeshEventImpl implements MeshEvent {
   json(): unknown {
     return JSON.parse(this.text());
   }
+}
+
+function positionKey(node: string, epoch: bigint): string {
+  return `${node}/${epoch}`;
+}
+
+function toPositions(list: readonly PositionLike[]): Position[] {
+  const big = (n: bigint | number, what: string): bigint => {
+    // An epoch is a random 64-bit number: as a JavaScript number it has most likely lost digits.
+    if (typeof n === 'number' && !Number.isSafeInteger(n)) throw new RangeError(`position: ${what} ${n} is not a safe integer: pass a bigint`);
+    const v = BigInt(n);
+    if (v < 0n || v >= 1n << 64n) throw new RangeError(`position: ${what} ${v} is not an unsigned 64-bit number`);
+    return v;
+  };
+  return list.map((p) => ({ node: p.node, epoch: big(p.epoch, 'epoch'), seq: big(p.seq, 'seq') }));
 }
 
 function watchKey(kind: string, id: string): string {
@@ -204,11 +282,19 @@ export class MeshClient {
   private readonly WS: WebSocketConstructor;
   private readonly requestTimeout: number;
   private readonly pingInterval: number;
+  private readonly recover: boolean;
 
   private readonly listeners = new Map<keyof EventMap, Set<Listener<never>>>();
   private readonly subscriptions = new Map<string, Set<EventHandler>>();
   private readonly watches = new Map<string, WatchEntry>();
   private readonly pending = new Map<bigint, Pending>();
+  /**
+   * Per history channel held (its last Subscribe Ack had `positions`): per origin node and
+   * epoch, the highest position received (or where the channel was at the Ack).
+   */
+  private readonly positionsOf = new Map<string, Map<string, Position>>();
+  /** Channels whose Subscribe with `recover` is waiting for its Ack: their events meanwhile are the replay. */
+  private readonly replaying = new Set<string>();
   private waiters: Waiter[] = [];
 
   private ws: WebSocketLike | undefined;
@@ -251,6 +337,7 @@ export class MeshClient {
     this.WS = WS;
     this.requestTimeout = options.requestTimeout ?? 30;
     this.pingInterval = options.pingInterval ?? 0;
+    this.recover = options.recover ?? true;
   }
 
   /** The connection state. */
@@ -266,6 +353,15 @@ export class MeshClient {
   /** The channels the client holds (subscribed, or being subscribed), restored on every reconnection. */
   get channels(): string[] {
     return [...this.subscriptions.keys()];
+  }
+
+  /**
+   * The positions held for a history channel (per origin node and epoch, the highest received),
+   * as a reconnection would send them; undefined for a channel that is not held or keeps no history.
+   */
+  positions(channel: string): Position[] | undefined {
+    const at = this.positionsOf.get(channel);
+    return at ? [...at.values()].map((p) => ({ ...p })) : undefined;
   }
 
   /** The watchables the client holds, restored on every reconnection. */
@@ -330,22 +426,76 @@ export class MeshClient {
   }
 
   /** Subscribe to `channel` and call `handler` with its events; resolves on the node's Ack. */
-  async subscribe(channel: string, handler: EventHandler): Promise<void> {
+  async subscribe(channel: string, handler: EventHandler, options: SubscribeOptions = {}): Promise<void> {
     if (typeof channel !== 'string') throw new TypeError('subscribe: channel must be a string');
     if (typeof handler !== 'function') throw new TypeError('subscribe: handler must be a function');
+    const positions = options.positions !== undefined ? toPositions(options.positions) : undefined;
     let set = this.subscriptions.get(channel);
-    if (!set) this.subscriptions.set(channel, (set = new Set()));
+    const out: OutFrame = { opcode: Opcode.Subscribe, channel };
+    if (!set) {
+      this.subscriptions.set(channel, (set = new Set()));
+      if (positions !== undefined) {
+        out.recover = true;
+        out.positions = positions;
+      }
+    }
     set.add(handler);
+    const held = set;
     try {
-      await this.request({ opcode: Opcode.Subscribe, channel });
+      await this.request(out, (f) => {
+        if (f && this.subscriptions.get(channel) === held) this.subscribed(channel, f, out.recover === true);
+      });
     } catch (error) {
       const now = this.subscriptions.get(channel);
       if (now) {
         now.delete(handler);
-        if (now.size === 0) this.subscriptions.delete(channel);
+        if (now.size === 0) this.forget(channel);
       }
       throw error;
     }
+  }
+
+  /**
+   * Read what a history channel keeps on the node, without subscribing: the latest `limit`
+   * events, or those after `positions`. Rejects with MeshError `InvalidArgument` when the channel
+   * keeps no history.
+   */
+  async history(channel: string, options: HistoryOptions = {}): Promise<HistoryResult> {
+    if (typeof channel !== 'string') throw new TypeError('history: channel must be a string');
+    const out: OutFrame = { opcode: Opcode.History, channel };
+    if (options.limit !== undefined) {
+      if (!Number.isInteger(options.limit) || options.limit < 1 || options.limit > 0xffffffff) {
+        throw new RangeError('history: limit must be a positive integer');
+      }
+      out.limit = options.limit;
+    }
+    if (options.positions !== undefined) out.positions = toPositions(options.positions);
+    const f = await this.request(out);
+    const events = splitBatch(f.payload ?? new Uint8Array(0)).map((entry) => new MeshEventImpl(decodeFrame(entry)));
+    return { events, positions: f.positions ?? [], recovered: f.recovered };
+  }
+
+  /** A Subscribe of `channel` was acknowledged (synchronously, before any later frame is handled). */
+  private subscribed(channel: string, f: InFrame, recovering: boolean): void {
+    const unrecovered = recovering && !f.recovered;
+    if (f.positions === undefined) {
+      this.positionsOf.delete(channel); // the channel keeps no history (here)
+    } else {
+      let at = this.positionsOf.get(channel);
+      if (!at || unrecovered) this.positionsOf.set(channel, (at = new Map()));
+      for (const p of f.positions) {
+        const key = positionKey(p.node, p.epoch);
+        const had = at.get(key);
+        if (!had || had.seq < p.seq) at.set(key, p);
+      }
+    }
+    if (unrecovered) this.emit('unrecovered', { channel });
+  }
+
+  /** The channel is no longer held: no handlers, no positions. */
+  private forget(channel: string): void {
+    this.subscriptions.delete(channel);
+    this.positionsOf.delete(channel);
   }
 
   /**
@@ -358,7 +508,7 @@ export class MeshClient {
       set.delete(handler);
       if (set.size > 0) return;
     }
-    this.subscriptions.delete(channel);
+    this.forget(channel);
     if (!this.welcomed) return;
     await this.send({ opcode: Opcode.Unsubscribe, channel }, Date.now() + this.requestTimeout * 1000);
   }
@@ -432,10 +582,10 @@ export class MeshClient {
   // ---- requests -------------------------------------------------------------------------
 
   /** Send a user request once connected (waiting for a reconnection if need be) and wait for its answer. */
-  private async request(out: OutFrame): Promise<InFrame> {
+  private async request(out: OutFrame, onEnd?: (frame: InFrame | undefined) => void): Promise<InFrame> {
     const deadline = Date.now() + this.requestTimeout * 1000;
     if (this._state !== 'connected') await this.whenConnected(deadline, out.opcode);
-    return this.send(out, deadline);
+    return this.send(out, deadline, onEnd);
   }
 
   private whenConnected(deadline: number, opcode: number): Promise<void> {
@@ -463,26 +613,39 @@ export class MeshClient {
   }
 
   /** Send one request on the current socket and wait for the answer with its request id. */
-  private send(out: OutFrame, deadline: number): Promise<InFrame> {
+  private send(out: OutFrame, deadline: number, onEnd?: (frame: InFrame | undefined) => void): Promise<InFrame> {
     const ws = this.ws;
     if (!ws || ws.readyState !== 1) return Promise.reject(new ConnectionClosedError('not connected'));
+    // The events of a recovering channel that arrive before the Ack are the replay.
+    const replay = out.opcode === Opcode.Subscribe && out.recover === true && out.channel !== undefined ? out.channel : undefined;
+    if (replay !== undefined) {
+      const inner = onEnd;
+      this.replaying.add(replay);
+      onEnd = (f) => {
+        this.replaying.delete(replay);
+        inner?.(f);
+      };
+    }
     const requestId = this.nextRequestId++;
     const bytes = encodeFrame({ ...out, requestId });
     const limit = this._welcome?.maxMessageSize;
     if (limit && bytes.length > limit) {
+      onEnd?.(undefined);
       return Promise.reject(new RangeError(`${opcodeName(out.opcode)}: a message of ${bytes.length} bytes is over the node's limit of ${limit} bytes`));
     }
     return new Promise<InFrame>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(requestId);
+        onEnd?.(undefined);
         reject(new RequestTimeoutError(`${opcodeName(out.opcode)}: no answer within ${this.requestTimeout} s`));
       }, Math.max(0, deadline - Date.now()));
-      this.pending.set(requestId, { resolve, reject, timer });
+      this.pending.set(requestId, { resolve, reject, timer, onEnd });
       try {
         ws.send(bytes);
       } catch (error) {
         clearTimeout(timer);
         this.pending.delete(requestId);
+        onEnd?.(undefined);
         reject(new ConnectionClosedError(`send failed: ${String(error)}`));
       }
     });
@@ -493,6 +656,7 @@ export class MeshClient {
     this.pending.clear();
     for (const p of pending) {
       clearTimeout(p.timer);
+      p.onEnd?.(undefined);
       p.reject(error);
     }
   }
@@ -600,12 +764,22 @@ export class MeshClient {
     const deadline = Date.now() + this.requestTimeout * 1000;
     const jobs: Promise<void>[] = [];
     for (const [channel, handlers] of this.subscriptions) {
+      const out: OutFrame = { opcode: Opcode.Subscribe, channel };
+      const at = this.recover ? this.positionsOf.get(channel) : undefined;
+      if (at) {
+        // A history channel: ask for what was missed since the positions received.
+        out.recover = true;
+        out.positions = [...at.values()];
+      }
+      const onAck = (f: InFrame | undefined): void => {
+        if (f && generation === this.generation && this.subscriptions.get(channel) === handlers) this.subscribed(channel, f, at !== undefined);
+      };
       jobs.push(
-        this.send({ opcode: Opcode.Subscribe, channel }, deadline).then(
+        this.send(out, deadline, onAck).then(
           () => undefined,
           (error: Error) => {
             if (generation !== this.generation || error instanceof ConnectionClosedError) return;
-            if (this.subscriptions.get(channel) === handlers) this.subscriptions.delete(channel);
+            if (this.subscriptions.get(channel) === handlers) this.forget(channel);
             this.emit('error', wrap(error, `resubscribing to channel ${JSON.stringify(channel)} failed`));
           },
         ),
@@ -701,6 +875,7 @@ export class MeshClient {
   /** The current session is over: no more refresh or keep-alive for it. */
   private endSession(): void {
     this.welcomed = false;
+    this.replaying.clear();
     if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
     if (this.pingTimer !== undefined) clearInterval(this.pingTimer);
     this.refreshTimer = undefined;
@@ -799,6 +974,7 @@ export class MeshClient {
         if (p) {
           this.pending.delete(f.requestId);
           clearTimeout(p.timer);
+          p.onEnd?.(f);
           p.resolve(f);
         }
         break;
@@ -809,6 +985,7 @@ export class MeshClient {
         if (p) {
           this.pending.delete(f.requestId);
           clearTimeout(p.timer);
+          p.onEnd?.(undefined);
           p.reject(error);
         } else {
           this.emit('error', error);
@@ -822,6 +999,17 @@ export class MeshClient {
 
   private deliver(f: InFrame): void {
     const event = new MeshEventImpl(f);
+    const channel = event.channel;
+    if (channel !== undefined) {
+      if (this.replaying.has(channel)) event.recovered = true;
+      const position = event.position;
+      const at = position ? this.positionsOf.get(channel) : undefined;
+      if (position && at) {
+        const key = positionKey(position.node, position.epoch);
+        const had = at.get(key);
+        if (!had || had.seq < position.seq) at.set(key, position);
+      }
+    }
     const handlers = new Set<EventHandler>();
     if (event.channel !== undefined) for (const h of this.subscriptions.get(event.channel) ?? []) handlers.add(h);
     if (event.watchable !== undefined) {

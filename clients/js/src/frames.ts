@@ -1,6 +1,17 @@
 import * as flatbuffers from 'flatbuffers';
-import { Frame, Watchable } from './gen/meshd/fb/client.js';
-import { uuidToString } from './uuid.js';
+import { Frame, Position as PositionStruct, Watchable } from './gen/meshd/fb/client.js';
+import { uuidFromString, uuidToString } from './uuid.js';
+
+/**
+ * Where an event is in a history channel: its origin node, the origin's incarnation (`epoch`)
+ * and its number among that origin's events (`seq`). In Subscribe, History and their Acks: for
+ * each origin, the highest number received (or where the channel is).
+ */
+export interface Position {
+  node: string;
+  epoch: bigint;
+  seq: bigint;
+}
 
 /** What the client puts in a frame it sends. */
 export interface OutFrame {
@@ -13,6 +24,12 @@ export interface OutFrame {
   version?: number;
   excludeSelf?: boolean;
   batch?: boolean;
+  /** History, Subscribe: from where (an empty list is sent as an empty vector, not left out). */
+  positions?: readonly { node: string; epoch: bigint | number; seq: bigint | number }[];
+  /** Subscribe: send the events missed since `positions` first. */
+  recover?: boolean;
+  /** History: at most this many events, the latest. */
+  limit?: number;
 }
 
 /** A received frame, read into plain values. */
@@ -31,6 +48,15 @@ export interface InFrame {
   version: number;
   maxMessageSize: number;
   batch: boolean;
+  /** Event of a history channel: the origin's incarnation (0n otherwise). */
+  epoch: bigint;
+  /** Event of a history channel: its number among the origin's events (0n otherwise). */
+  seq: bigint;
+  /** Ack of Subscribe or History on a history channel: where the channel is (absent: no such field). */
+  positions?: Position[];
+  recover: boolean;
+  recovered: boolean;
+  limit: number;
 }
 
 /** Encode one finished `Frame` buffer with the `MSH1` file identifier. */
@@ -46,6 +72,16 @@ export function encodeFrame(f: OutFrame): Uint8Array {
   }
   const payload = f.payload !== undefined ? b.createByteVector(f.payload) : undefined;
   const token = f.token !== undefined ? b.createString(f.token) : undefined;
+  let positions: number | undefined;
+  if (f.positions !== undefined) {
+    const list = f.positions.map((p) => ({ ...uuidFromString(p.node), epoch: BigInt(p.epoch), seq: BigInt(p.seq) }));
+    Frame.startPositionsVector(b, list.length);
+    for (let i = list.length - 1; i >= 0; i--) {
+      const p = list[i]!;
+      PositionStruct.createPosition(b, p.hi, p.lo, p.epoch, p.seq);
+    }
+    positions = b.endVector();
+  }
   Frame.startFrame(b);
   Frame.addOpcode(b, f.opcode);
   if (f.requestId) Frame.addRequestId(b, f.requestId);
@@ -56,6 +92,9 @@ export function encodeFrame(f: OutFrame): Uint8Array {
   if (f.version !== undefined) Frame.addVersion(b, f.version);
   if (f.excludeSelf) Frame.addExcludeSelf(b, true);
   if (f.batch) Frame.addBatch(b, true);
+  if (positions !== undefined) Frame.addPositions(b, positions);
+  if (f.recover) Frame.addRecover(b, true);
+  if (f.limit) Frame.addLimit(b, f.limit);
   Frame.finishFrameBuffer(b, Frame.endFrame(b));
   return b.asUint8Array();
 }
@@ -77,6 +116,11 @@ export function decodeFrame(data: Uint8Array): InFrame {
     version: f.version(),
     maxMessageSize: f.maxMessageSize(),
     batch: f.batch(),
+    epoch: f.epoch(),
+    seq: f.seq(),
+    recover: f.recover(),
+    recovered: f.recovered(),
+    limit: f.limit(),
   };
   const channel = f.channel();
   if (channel !== null) out.channel = channel;
@@ -89,7 +133,23 @@ export function decodeFrame(data: Uint8Array): InFrame {
   if (message !== null) out.message = message;
   const principal = f.principal();
   if (principal !== null) out.principal = principal;
+  if (hasPositions(f)) {
+    const n = f.positionsLength();
+    const list: Position[] = [];
+    const p = new PositionStruct();
+    for (let i = 0; i < n; i++) {
+      f.positions(i, p);
+      const id = p.node()!;
+      list.push({ node: uuidToString(id.hi(), id.lo()), epoch: p.epoch(), seq: p.seq() });
+    }
+    out.positions = list;
+  }
   return out;
+}
+
+/** Whether the frame has a `positions` vector (possibly empty): `positions(0)` is not null then. */
+function hasPositions(f: Frame): boolean {
+  return f.positions(0) !== null;
 }
 
 /** Split a Batch frame's payload into its entries: each a 4-byte little-endian length and one Event frame buffer. */

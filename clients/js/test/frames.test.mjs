@@ -106,3 +106,22 @@ test('the enums are the schema\'s', () => {
   assert.equal(EventType.ResourceEvent, 5);
   assert.equal(ErrorCode.RateLimited, 15);
 });
+
+test('positions, recover, recovered and limit round-trip; an absent positions vector differs from an empty one', () => {
+  const positions = [
+    { node: '123e4567-e89b-12d3-a456-426614174000', epoch: 0xfedcba9876543210n, seq: 42n },
+    { node: '00000000-0000-0000-0000-000000000001', epoch: 7n, seq: 1n },
+  ];
+  const sub = decodeFrame(encodeFrame({ opcode: Opcode.Subscribe, requestId: 3n, channel: 'chat.a', recover: true, positions }));
+  assert.deepEqual(sub.positions, positions);
+  assert.equal(sub.recover, true);
+  const hist = decodeFrame(encodeFrame({ opcode: Opcode.History, requestId: 4n, channel: 'chat.a', limit: 10 }));
+  assert.equal(hist.limit, 10);
+  assert.equal(hist.positions, undefined);
+  assert.deepEqual(decodeFrame(encodeFrame({ opcode: Opcode.Subscribe, positions: [] })).positions, []);
+  const plain = decodeFrame(encodeFrame({ opcode: Opcode.Subscribe, channel: 'x' }));
+  assert.equal(plain.recover, false);
+  assert.equal(plain.recovered, false);
+  assert.equal(plain.epoch, 0n);
+  assert.equal(plain.seq, 0n);
+});

@@ -1,5 +1,5 @@
 // Start real meshd nodes for the tests, as child processes, and small waiting helpers.
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -101,7 +101,8 @@ export async function startNode({ config, port = 0 } = {}) {
 /** Kill every node still running and remove their folders (for after() hooks). */
 export async function stopAllNodes() {
   await Promise.all([...nodes].map((n) => n.kill('SIGKILL').catch(() => {})));
-  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  // MESHD_KEEP_LOGS=1 keeps the nodes' folders (logs) for a look after a failure.
+  if (!process.env.MESHD_KEEP_LOGS) for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
   dirs.clear();
 }
 
@@ -156,4 +157,48 @@ export async function api(node, path, body, key) {
     throw new Error(`${path}: HTTP ${res.status}: ${JSON.stringify(json)}\nthe node's log ends with:\n${log}`);
   }
   return json;
+}
+
+const MESHCTL = join(BIN, 'meshctl');
+
+/**
+ * Start `count` nodes linked in a mesh (TLS certificates made with meshctl), each with `config`
+ * (TOML text without [node] and [mesh]) added. Resolves once every node is linked with the others.
+ */
+export async function startCluster(count, config = '') {
+  const certs = mkdtempSync(join(tmpdir(), 'meshd-js-certs-'));
+  dirs.add(certs);
+  execFileSync(MESHCTL, ['certs', 'ca', '--dir', certs], { stdio: 'ignore' });
+  const nodes = [];
+  let seed;
+  for (let i = 0; i < count; i++) {
+    const name = `n${i}`;
+    const id = execFileSync(MESHCTL, ['certs', 'node', '--dir', certs, '--san', '127.0.0.1', name], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    const text = `[node]
+id = "${id}"
+name = "${name}"
+
+[mesh]
+cluster = "js-test"
+listen = "tcp:0:interface=127.0.0.1"
+seeds = [${seed ? `"${seed}"` : ''}]
+ca = "${join(certs, 'ca.pem')}"
+cert = "${join(certs, `${name}.pem`)}"
+key = "${join(certs, `${name}.key`)}"
+heartbeat_interval = 0.2
+heartbeat_timeout = 1.0
+${config}`;
+    const node = await startNode({ config: text });
+    const m = await waitFor(() => /advertised as ([\d.]+:\d+)/.exec(node.logText()), 'the mesh to listen');
+    node.id = id;
+    node.meshAddress = m[1];
+    seed ??= m[1];
+    nodes.push(node);
+  }
+  await waitFor(
+    () => nodes.every((n) => (n.logText().match(/Linked with/g) ?? []).length >= count - 1),
+    'every node to be linked with the others',
+    15000,
+  );
+  return nodes;
 }

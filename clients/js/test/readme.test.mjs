@@ -40,3 +40,20 @@ test('the Node example of README.md runs', async () => {
   assert.ok(lines.some((l) => /^ping: \d+ ms$/.test(l)), stdout);
   assert.equal(lines.at(-2), 'state: closed 1000 closed by the client');
 });
+
+test('the History example of README.md runs', async () => {
+  const readme = readFileSync(join(PKG, 'README.md'), 'utf8');
+  const section = readme.slice(readme.indexOf('## History and recovery'));
+  const toml = /```toml\n([\s\S]*?)```/.exec(section)[1];
+  const code = /```js\n([\s\S]*?)```/.exec(section)[1];
+  assert.ok(code.includes("'ws://127.0.0.1:8765'"));
+  const history = await startNode({ config: `[[rules]]\nmatch = "*"\nanonymous = ["subscribe", "publish"]\n\n${toml}` });
+  const file = join(dir, 'history.mjs');
+  writeFileSync(file, code.replace("'ws://127.0.0.1:8765'", `'${history.url}'`));
+  const { stdout } = await promisify(execFile)(process.execPath, [file], { timeout: 20000 });
+  const lines = stdout.trim().split('\n');
+  assert.equal(lines.length, 4, stdout);
+  assert.match(lines[0], /^earlier: two \(seq \d+\)$/);
+  assert.match(lines[1], /^earlier: three \(seq \d+\)$/);
+  assert.deepEqual(lines.slice(2), ['live: hello', 'positions held: 1']);
+});

@@ -1194,6 +1194,16 @@ function encodeFrame(f) {
   }
   const payload = f.payload !== void 0 ? b.createByteVector(f.payload) : void 0;
   const token = f.token !== void 0 ? b.createString(f.token) : void 0;
+  let positions;
+  if (f.positions !== void 0) {
+    const list = f.positions.map((p) => ({ ...uuidFromString(p.node), epoch: BigInt(p.epoch), seq: BigInt(p.seq) }));
+    Frame.startPositionsVector(b, list.length);
+    for (let i = list.length - 1; i >= 0; i--) {
+      const p = list[i];
+      Position.createPosition(b, p.hi, p.lo, p.epoch, p.seq);
+    }
+    positions = b.endVector();
+  }
   Frame.startFrame(b);
   Frame.addOpcode(b, f.opcode);
   if (f.requestId) Frame.addRequestId(b, f.requestId);
@@ -1204,6 +1214,9 @@ function encodeFrame(f) {
   if (f.version !== void 0) Frame.addVersion(b, f.version);
   if (f.excludeSelf) Frame.addExcludeSelf(b, true);
   if (f.batch) Frame.addBatch(b, true);
+  if (positions !== void 0) Frame.addPositions(b, positions);
+  if (f.recover) Frame.addRecover(b, true);
+  if (f.limit) Frame.addLimit(b, f.limit);
   Frame.finishFrameBuffer(b, Frame.endFrame(b));
   return b.asUint8Array();
 }
@@ -1222,7 +1235,12 @@ function decodeFrame(data) {
     errorCode: f.errorCode(),
     version: f.version(),
     maxMessageSize: f.maxMessageSize(),
-    batch: f.batch()
+    batch: f.batch(),
+    epoch: f.epoch(),
+    seq: f.seq(),
+    recover: f.recover(),
+    recovered: f.recovered(),
+    limit: f.limit()
   };
   const channel = f.channel();
   if (channel !== null) out.channel = channel;
@@ -1235,7 +1253,21 @@ function decodeFrame(data) {
   if (message !== null) out.message = message;
   const principal = f.principal();
   if (principal !== null) out.principal = principal;
+  if (hasPositions(f)) {
+    const n = f.positionsLength();
+    const list = [];
+    const p = new Position();
+    for (let i = 0; i < n; i++) {
+      f.positions(i, p);
+      const id = p.node();
+      list.push({ node: uuidToString(id.hi(), id.lo()), epoch: p.epoch(), seq: p.seq() });
+    }
+    out.positions = list;
+  }
   return out;
+}
+function hasPositions(f) {
+  return f.positions(0) !== null;
 }
 function splitBatch(payload) {
   const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
@@ -1284,6 +1316,7 @@ var encoder = new TextEncoder();
 var decoder = new TextDecoder();
 var MeshEventImpl = class {
   constructor(f) {
+    this.recovered = false;
     this.type = f.eventType;
     this.typeName = EventType[f.eventType] ?? String(f.eventType);
     if (f.channel !== void 0) this.channel = f.channel;
@@ -1291,6 +1324,9 @@ var MeshEventImpl = class {
     this.data = f.payload ?? new Uint8Array(0);
     if (f.session !== void 0) this.session = f.session;
     if (f.node !== void 0) this.node = f.node;
+    this.epoch = f.epoch;
+    this.seq = f.seq;
+    if (f.seq > 0n && f.node !== void 0) this.position = { node: f.node, epoch: f.epoch, seq: f.seq };
   }
   text() {
     return decoder.decode(this.data);
@@ -1299,6 +1335,18 @@ var MeshEventImpl = class {
     return JSON.parse(this.text());
   }
 };
+function positionKey(node, epoch) {
+  return `${node}/${epoch}`;
+}
+function toPositions(list) {
+  const big = (n, what) => {
+    if (typeof n === "number" && !Number.isSafeInteger(n)) throw new RangeError(`position: ${what} ${n} is not a safe integer: pass a bigint`);
+    const v = BigInt(n);
+    if (v < 0n || v >= 1n << 64n) throw new RangeError(`position: ${what} ${v} is not an unsigned 64-bit number`);
+    return v;
+  };
+  return list.map((p) => ({ node: p.node, epoch: big(p.epoch, "epoch"), seq: big(p.seq, "seq") }));
+}
 function watchKey(kind, id) {
   return JSON.stringify([kind, id]);
 }
@@ -1311,6 +1359,13 @@ var MeshClient = class {
     this.subscriptions = /* @__PURE__ */ new Map();
     this.watches = /* @__PURE__ */ new Map();
     this.pending = /* @__PURE__ */ new Map();
+    /**
+     * Per history channel held (its last Subscribe Ack had `positions`): per origin node and
+     * epoch, the highest position received (or where the channel was at the Ack).
+     */
+    this.positionsOf = /* @__PURE__ */ new Map();
+    /** Channels whose Subscribe with `recover` is waiting for its Ack: their events meanwhile are the replay. */
+    this.replaying = /* @__PURE__ */ new Set();
     this.waiters = [];
     /** Bumped whenever a connection is abandoned, so late callbacks of old sockets are ignored. */
     this.generation = 0;
@@ -1341,6 +1396,7 @@ var MeshClient = class {
     this.WS = WS;
     this.requestTimeout = options.requestTimeout ?? 30;
     this.pingInterval = options.pingInterval ?? 0;
+    this.recover = options.recover ?? true;
   }
   /** The connection state. */
   get state() {
@@ -1353,6 +1409,14 @@ var MeshClient = class {
   /** The channels the client holds (subscribed, or being subscribed), restored on every reconnection. */
   get channels() {
     return [...this.subscriptions.keys()];
+  }
+  /**
+   * The positions held for a history channel (per origin node and epoch, the highest received),
+   * as a reconnection would send them; undefined for a channel that is not held or keeps no history.
+   */
+  positions(channel) {
+    const at = this.positionsOf.get(channel);
+    return at ? [...at.values()].map((p) => ({ ...p })) : void 0;
   }
   /** The watchables the client holds, restored on every reconnection. */
   get watchables() {
@@ -1409,22 +1473,73 @@ var MeshClient = class {
     if (wasOpen || this._state !== "closed") this.setState({ state: "closed", code: 1e3, reason: "closed by the client" });
   }
   /** Subscribe to `channel` and call `handler` with its events; resolves on the node's Ack. */
-  async subscribe(channel, handler) {
+  async subscribe(channel, handler, options = {}) {
     if (typeof channel !== "string") throw new TypeError("subscribe: channel must be a string");
     if (typeof handler !== "function") throw new TypeError("subscribe: handler must be a function");
+    const positions = options.positions !== void 0 ? toPositions(options.positions) : void 0;
     let set = this.subscriptions.get(channel);
-    if (!set) this.subscriptions.set(channel, set = /* @__PURE__ */ new Set());
+    const out = { opcode: 3 /* Subscribe */, channel };
+    if (!set) {
+      this.subscriptions.set(channel, set = /* @__PURE__ */ new Set());
+      if (positions !== void 0) {
+        out.recover = true;
+        out.positions = positions;
+      }
+    }
     set.add(handler);
+    const held = set;
     try {
-      await this.request({ opcode: 3 /* Subscribe */, channel });
+      await this.request(out, (f) => {
+        if (f && this.subscriptions.get(channel) === held) this.subscribed(channel, f, out.recover === true);
+      });
     } catch (error) {
       const now = this.subscriptions.get(channel);
       if (now) {
         now.delete(handler);
-        if (now.size === 0) this.subscriptions.delete(channel);
+        if (now.size === 0) this.forget(channel);
       }
       throw error;
     }
+  }
+  /**
+   * Read what a history channel keeps on the node, without subscribing: the latest `limit`
+   * events, or those after `positions`. Rejects with MeshError `InvalidArgument` when the channel
+   * keeps no history.
+   */
+  async history(channel, options = {}) {
+    if (typeof channel !== "string") throw new TypeError("history: channel must be a string");
+    const out = { opcode: 15 /* History */, channel };
+    if (options.limit !== void 0) {
+      if (!Number.isInteger(options.limit) || options.limit < 1 || options.limit > 4294967295) {
+        throw new RangeError("history: limit must be a positive integer");
+      }
+      out.limit = options.limit;
+    }
+    if (options.positions !== void 0) out.positions = toPositions(options.positions);
+    const f = await this.request(out);
+    const events = splitBatch(f.payload ?? new Uint8Array(0)).map((entry) => new MeshEventImpl(decodeFrame(entry)));
+    return { events, positions: f.positions ?? [], recovered: f.recovered };
+  }
+  /** A Subscribe of `channel` was acknowledged (synchronously, before any later frame is handled). */
+  subscribed(channel, f, recovering) {
+    const unrecovered = recovering && !f.recovered;
+    if (f.positions === void 0) {
+      this.positionsOf.delete(channel);
+    } else {
+      let at = this.positionsOf.get(channel);
+      if (!at || unrecovered) this.positionsOf.set(channel, at = /* @__PURE__ */ new Map());
+      for (const p of f.positions) {
+        const key = positionKey(p.node, p.epoch);
+        const had = at.get(key);
+        if (!had || had.seq < p.seq) at.set(key, p);
+      }
+    }
+    if (unrecovered) this.emit("unrecovered", { channel });
+  }
+  /** The channel is no longer held: no handlers, no positions. */
+  forget(channel) {
+    this.subscriptions.delete(channel);
+    this.positionsOf.delete(channel);
   }
   /**
    * Stop receiving `channel`'s events: with `handler`, only that handler is removed (the
@@ -1436,7 +1551,7 @@ var MeshClient = class {
       set.delete(handler);
       if (set.size > 0) return;
     }
-    this.subscriptions.delete(channel);
+    this.forget(channel);
     if (!this.welcomed) return;
     await this.send({ opcode: 4 /* Unsubscribe */, channel }, Date.now() + this.requestTimeout * 1e3);
   }
@@ -1499,10 +1614,10 @@ var MeshClient = class {
   }
   // ---- requests -------------------------------------------------------------------------
   /** Send a user request once connected (waiting for a reconnection if need be) and wait for its answer. */
-  async request(out) {
+  async request(out, onEnd) {
     const deadline = Date.now() + this.requestTimeout * 1e3;
     if (this._state !== "connected") await this.whenConnected(deadline, out.opcode);
-    return this.send(out, deadline);
+    return this.send(out, deadline, onEnd);
   }
   whenConnected(deadline, opcode) {
     if (!this.started) {
@@ -1528,26 +1643,38 @@ var MeshClient = class {
     });
   }
   /** Send one request on the current socket and wait for the answer with its request id. */
-  send(out, deadline) {
+  send(out, deadline, onEnd) {
     const ws = this.ws;
     if (!ws || ws.readyState !== 1) return Promise.reject(new ConnectionClosedError("not connected"));
+    const replay = out.opcode === 3 /* Subscribe */ && out.recover === true && out.channel !== void 0 ? out.channel : void 0;
+    if (replay !== void 0) {
+      const inner = onEnd;
+      this.replaying.add(replay);
+      onEnd = (f) => {
+        this.replaying.delete(replay);
+        inner?.(f);
+      };
+    }
     const requestId = this.nextRequestId++;
     const bytes = encodeFrame({ ...out, requestId });
     const limit = this._welcome?.maxMessageSize;
     if (limit && bytes.length > limit) {
+      onEnd?.(void 0);
       return Promise.reject(new RangeError(`${opcodeName(out.opcode)}: a message of ${bytes.length} bytes is over the node's limit of ${limit} bytes`));
     }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(requestId);
+        onEnd?.(void 0);
         reject(new RequestTimeoutError(`${opcodeName(out.opcode)}: no answer within ${this.requestTimeout} s`));
       }, Math.max(0, deadline - Date.now()));
-      this.pending.set(requestId, { resolve, reject, timer });
+      this.pending.set(requestId, { resolve, reject, timer, onEnd });
       try {
         ws.send(bytes);
       } catch (error) {
         clearTimeout(timer);
         this.pending.delete(requestId);
+        onEnd?.(void 0);
         reject(new ConnectionClosedError(`send failed: ${String(error)}`));
       }
     });
@@ -1557,6 +1684,7 @@ var MeshClient = class {
     this.pending.clear();
     for (const p of pending) {
       clearTimeout(p.timer);
+      p.onEnd?.(void 0);
       p.reject(error);
     }
   }
@@ -1656,12 +1784,21 @@ var MeshClient = class {
     const deadline = Date.now() + this.requestTimeout * 1e3;
     const jobs = [];
     for (const [channel, handlers] of this.subscriptions) {
+      const out = { opcode: 3 /* Subscribe */, channel };
+      const at = this.recover ? this.positionsOf.get(channel) : void 0;
+      if (at) {
+        out.recover = true;
+        out.positions = [...at.values()];
+      }
+      const onAck = (f) => {
+        if (f && generation === this.generation && this.subscriptions.get(channel) === handlers) this.subscribed(channel, f, at !== void 0);
+      };
       jobs.push(
-        this.send({ opcode: 3 /* Subscribe */, channel }, deadline).then(
+        this.send(out, deadline, onAck).then(
           () => void 0,
           (error) => {
             if (generation !== this.generation || error instanceof ConnectionClosedError) return;
-            if (this.subscriptions.get(channel) === handlers) this.subscriptions.delete(channel);
+            if (this.subscriptions.get(channel) === handlers) this.forget(channel);
             this.emit("error", wrap(error, `resubscribing to channel ${JSON.stringify(channel)} failed`));
           }
         )
@@ -1751,6 +1888,7 @@ var MeshClient = class {
   /** The current session is over: no more refresh or keep-alive for it. */
   endSession() {
     this.welcomed = false;
+    this.replaying.clear();
     if (this.refreshTimer !== void 0) clearTimeout(this.refreshTimer);
     if (this.pingTimer !== void 0) clearInterval(this.pingTimer);
     this.refreshTimer = void 0;
@@ -1841,6 +1979,7 @@ var MeshClient = class {
         if (p) {
           this.pending.delete(f.requestId);
           clearTimeout(p.timer);
+          p.onEnd?.(f);
           p.resolve(f);
         }
         break;
@@ -1851,6 +1990,7 @@ var MeshClient = class {
         if (p) {
           this.pending.delete(f.requestId);
           clearTimeout(p.timer);
+          p.onEnd?.(void 0);
           p.reject(error);
         } else {
           this.emit("error", error);
@@ -1863,6 +2003,17 @@ var MeshClient = class {
   }
   deliver(f) {
     const event = new MeshEventImpl(f);
+    const channel = event.channel;
+    if (channel !== void 0) {
+      if (this.replaying.has(channel)) event.recovered = true;
+      const position = event.position;
+      const at = position ? this.positionsOf.get(channel) : void 0;
+      if (position && at) {
+        const key = positionKey(position.node, position.epoch);
+        const had = at.get(key);
+        if (!had || had.seq < position.seq) at.set(key, position);
+      }
+    }
     const handlers = /* @__PURE__ */ new Set();
     if (event.channel !== void 0) for (const h of this.subscriptions.get(event.channel) ?? []) handlers.add(h);
     if (event.watchable !== void 0) {

@@ -7,8 +7,11 @@ import {
   MeshClient,
   MeshError,
   Opcode,
+  type HistoryResult,
   type MeshEvent,
+  type Position,
   type StateChange,
+  type Unrecovered,
   type Welcome,
 } from 'meshd-client';
 
@@ -60,6 +63,21 @@ export async function usage(): Promise<void> {
     if (e instanceof ConnectionClosedError) void e.code;
   }
   void EventType.ChannelEvent;
+  // History channels.
+  client.on('unrecovered', (u: Unrecovered) => void u.channel);
+  const h: HistoryResult = await client.history('chat.lobby', { limit: 10 });
+  const first: MeshEvent | undefined = h.events[0];
+  const epoch: bigint | undefined = first?.epoch;
+  const seq: bigint | undefined = first?.seq;
+  const at: Position | undefined = first?.position;
+  const recovered: boolean = h.recovered || (first?.recovered ?? false);
+  void [epoch, seq, at?.node, at?.epoch, at?.seq, recovered];
+  const now: Position[] = h.positions;
+  await client.history('chat.lobby', { positions: [{ node: now[0]!.node, epoch: now[0]!.epoch, seq: 5 }] });
+  await client.subscribe('chat.lobby', (ev) => void ev.position, { positions: now });
+  const held2: Position[] | undefined = client.positions('chat.lobby');
+  void held2;
+  new MeshClient({ url: 'ws://127.0.0.1:8765', recover: false });
   client.close();
   // The default WebSocket is globalThis.WebSocket (browsers, Node >= 22).
   new MeshClient({ url: 'ws://127.0.0.1:8765', token: 'static', reconnect: false });
