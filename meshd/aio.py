@@ -46,29 +46,35 @@ from meshd.clientcore import (
     NOW,
     STOP,
     ConnectionClosed,
+    HistoryAnswer,
     Holdings,
     MeshError,
     NotConnected,
+    Recovery,
     StateChange,
     answer_error,
     backoff_policy,
     close_action,
     drain_delay,
     hello_error_is_fatal,
+    history_answer,
+    history_fields,
     jwt_expiry,
     read_frame,
     refresh_delay,
     token_renewable,
 )
-from meshd.codec import PROTOCOL_VERSION, Message, Opcode, ProtocolError, Watchable, encode
+from meshd.codec import PROTOCOL_VERSION, Message, Opcode, Position, ProtocolError, Watchable, encode
 from meshd.constants import SUBPROTOCOL
 
 __all__ = [
     "Client",
     "ConnectionClosed",
     "EventStream",
+    "HistoryAnswer",
     "MeshError",
     "NotConnected",
+    "Recovery",
     "StateChange",
     "connect",
 ]
@@ -94,7 +100,11 @@ class Client(Holdings):
     session ends (or cannot start).  Requests made while it has no welcomed
     session raise :class:`NotConnected` at once; requests in flight when the
     connection drops raise :class:`ConnectionClosed`.  Events reach
-    listeners and :meth:`events` iterators across reconnects.
+    listeners and :meth:`events` iterators across reconnects.  On history
+    channels (docs/protocol.md section 6) it keeps the positions of what it
+    received and, with ``recover`` (the default), subscribes again with
+    them, so the node sends the missed events first; recovery listeners
+    hear whether it could.
     """
 
     def __init__(
@@ -111,9 +121,10 @@ class Client(Holdings):
         handshake_timeout: float = 10.0,
         max_message_size: int = 16 << 20,
         ssl: Any = None,
+        recover: bool = True,
         **websocket_options: Any,
     ) -> None:
-        super().__init__(urls)
+        super().__init__(urls, recover=recover)
         self._token = token
         self._reconnect = reconnect
         self._policy = retry_policy or backoff_policy(initial_delay, max_delay)
@@ -129,6 +140,8 @@ class Client(Holdings):
         self._ws_options.update(websocket_options)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        #: request id -> called with the answer as it is read (before any later event), not when awaited
+        self._on_answer: dict[int, Callable[[Message], None]] = {}
         self._connected_waiters: list[tuple[asyncio.Future, Optional[int]]] = []
         self._closed_event: Optional[asyncio.Event] = None
         self._wake: Optional[asyncio.Event] = None
@@ -239,10 +252,18 @@ class Client(Holdings):
         return await self._hold(channel, Opcode.Subscribe, {"channel": channel})
 
     async def unsubscribe(self, channel: str) -> Message:
-        """Unsubscribe; the channel is forgotten at once, even if the request fails."""
+        """Unsubscribe; the channel (and its positions) is forgotten at once, even if the request fails."""
         self._interests.asked(channel)
         self._interests.dropped(channel)
+        self._positions.forget(channel)
         return await self.request(Opcode.Unsubscribe, channel=channel)
+
+    async def history(self, channel: str, limit: int = 0,
+                      positions: Optional[Sequence[Position]] = None) -> HistoryAnswer:
+        """What a history channel holds on the node: the latest ``limit`` events (0: all, at most 1000),
+        or those after ``positions``; a :class:`HistoryAnswer` (``events``, ``positions``, ``recovered``).
+        It moves no positions of the client's own."""
+        return history_answer(await self.request(Opcode.History, **history_fields(channel, limit, positions)))
 
     async def watch(self, kind: str, ident: str) -> Message:
         watchable = Watchable(kind, ident)
@@ -257,9 +278,14 @@ class Client(Holdings):
     async def _hold(self, key: Union[str, Watchable], opcode: int, fields: dict) -> Message:
         ws = self._session()
         ticket = self._interests.asked(key)
-        answer = await self._request(ws, opcode, fields)
-        self._interests.granted(key, ticket)
-        return answer
+
+        def granted(answer: Message) -> None:
+            # As the Ack is read, before any later event: the positions it carries come first.
+            self._interests.granted(key, ticket)
+            if isinstance(key, str) and key in self._interests.channels:
+                self._positions.acked(key, answer)
+
+        return await self._request(ws, opcode, fields, granted)
 
     async def publish(self, channel: str, payload: bytes, *, exclude_self: bool = False,
                       ack: bool = True) -> Optional[Message]:
@@ -293,10 +319,15 @@ class Client(Holdings):
             self._schedule_refresh(token)
         return answer
 
-    async def _request(self, ws: ClientConnection, opcode: int, fields: dict) -> Message:
+    async def _request(self, ws: ClientConnection, opcode: int, fields: dict,
+                       on_answer: Optional[Callable[[Message], None]] = None) -> Message:
+        """Send a request; return its answer.  ``on_answer(answer)`` is called as the answer is read, before
+        the frames after it are (awaiting the answer resumes later)."""
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if on_answer is not None:
+            self._on_answer[request_id] = on_answer
         try:
             await ws.send(encode(opcode, request_id=request_id, **fields))
             return await future
@@ -304,6 +335,7 @@ class Client(Holdings):
             raise ConnectionClosed(ws.close_code, ws.close_reason) from None
         finally:
             self._pending.pop(request_id, None)
+            self._on_answer.pop(request_id, None)
 
     # -- the connection loop -------------------------------------------------------------------
 
@@ -368,14 +400,19 @@ class Client(Holdings):
         token = await self._get_token()
         self.welcome = await self._request(ws, Opcode.Hello,
                                            {"version": PROTOCOL_VERSION, "token": token, "batch": self._batch})
-        requests = self._interests.requests()
-        results = await asyncio.gather(*(self._request(ws, opcode, fields) for _, opcode, fields in requests),
-                                       return_exceptions=True)
+        requests = self._requests_again()
+
+        def again(key: Union[str, Watchable], fields: dict) -> Callable[[Message], None]:
+            return lambda answer: self._answered_again_now(key, fields, answer)
+
+        results = await asyncio.gather(*(self._request(ws, opcode, fields, again(key, fields))
+                                         for key, opcode, fields in requests), return_exceptions=True)
         dropped = []
         for (key, _, _), result in zip(requests, results, strict=True):
             if isinstance(result, MeshError):
                 log.warning("The node refused %s again after a reconnect: %s", key, result)
                 self._interests.dropped(key)
+                self._positions.forget(key)  # type: ignore[arg-type]
                 dropped.append((key, result))
             elif isinstance(result, BaseException):
                 raise result
@@ -388,6 +425,16 @@ class Client(Holdings):
             if not future.done():
                 future.set_result(self)
         return token
+
+    def _answered_again_now(self, key: Union[str, Watchable], fields: dict, answer: Message) -> None:
+        recovery = self._answered_again(key, fields, answer)
+        if recovery is None:
+            return
+        if recovery.recovered:
+            log.info("Recovered %d events on %s", recovery.events, recovery.channel)
+        else:
+            log.warning("Not recovered on %s: events may be missing", recovery.channel)
+        _tell(self._recovery_listeners, recovery)
 
     def _ended(self, ws: ClientConnection, url: str, welcomed: bool, setup_error: Optional[BaseException]) -> Optional[float]:
         """The session on ``ws`` is over: report it; the delay before the next attempt, or None to stop."""
@@ -426,6 +473,7 @@ class Client(Holdings):
                     log.error("Dropping a bad frame from the node: %s", e.message)
                     continue
                 for event in events:
+                    self._positions.seen(event)
                     _tell(self._listeners, event)
                 if answer is not None:
                     self._answered(answer)
@@ -434,6 +482,12 @@ class Client(Holdings):
 
     def _answered(self, answer: Message) -> None:
         future = self._pending.pop(answer.request_id, None)
+        on_answer = self._on_answer.pop(answer.request_id, None)
+        if on_answer is not None and answer.opcode != Opcode.Error and future is not None and not future.done():
+            try:
+                on_answer(answer)
+            except Exception:
+                log.exception("Handling the answer %r failed", answer)
         if answer.opcode == Opcode.Error:
             error = answer_error(answer)
             if future is None:

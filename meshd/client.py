@@ -67,29 +67,35 @@ from meshd.clientcore import (
     NOW,
     STOP,
     ConnectionClosed,
+    HistoryAnswer,
     Holdings,
     MeshError,
     NotConnected,
+    Recovery,
     StateChange,
     answer_error,
     close_action,
     drain_delay,
     hello_error_is_fatal,
+    history_answer,
+    history_fields,
     jwt_expiry,
     read_frame,
     refresh_delay,
     token_renewable,
 )
-from meshd.codec import PROTOCOL_VERSION, Message, Opcode, ProtocolError, Watchable, encode
+from meshd.codec import PROTOCOL_VERSION, Message, Opcode, Position, ProtocolError, Watchable, encode
 from meshd.constants import SUBPROTOCOL
 
 __all__ = [
     "ConnectionClosed",
     "EventStream",
+    "HistoryAnswer",
     "MeshClient",
     "MeshError",
     "NotConnected",
     "ReconnectingClient",
+    "Recovery",
     "StateChange",
     "connect",
     "connect_reconnecting",
@@ -97,6 +103,7 @@ __all__ = [
 
 Listener = Callable[[Message], None]
 StateListener = Callable[[StateChange], None]
+RecoveryListener = Callable[[Recovery], None]
 #: A token, or a callable giving one (or a Deferred or awaitable of one) on each connect.
 TokenSource = Union[None, str, Callable[[], Union[Optional[str], Deferred, Awaitable]]]
 
@@ -205,11 +212,24 @@ class MeshClient:
         d = self.request(Opcode.Hello, version=PROTOCOL_VERSION, token=token, batch=batch)
         return d.addCallback(welcomed)
 
-    def subscribe(self, channel: str) -> "Deferred[Message]":
+    def subscribe(self, channel: str, *, positions: "Optional[Sequence[Position]]" = None,
+                  recover: bool = False) -> "Deferred[Message]":
+        """Subscribe; with ``recover`` and ``positions`` (on a history channel), the events missed since
+        ``positions`` arrive first, then the Ack, whose ``recovered`` says whether they are all there."""
+        if recover:
+            return self.request(Opcode.Subscribe, channel=channel, recover=True, positions=list(positions or ()))
         return self.request(Opcode.Subscribe, channel=channel)
 
     def unsubscribe(self, channel: str) -> "Deferred[Message]":
         return self.request(Opcode.Unsubscribe, channel=channel)
+
+    def history(self, channel: str, limit: int = 0,
+                positions: "Optional[Sequence[Position]]" = None) -> "Deferred[HistoryAnswer]":
+        """What a history channel holds on the node: the latest ``limit`` events (0: all, at most 1000),
+        or those after ``positions``; fire with a :class:`HistoryAnswer` (``events``, ``positions``,
+        ``recovered``)."""
+        d = self.request(Opcode.History, **history_fields(channel, limit, positions))
+        return d.addCallback(history_answer)
 
     def publish(
         self, channel: str, payload: bytes, *, exclude_self: bool = False, ack: bool = True
@@ -435,8 +455,11 @@ class ReconnectingClient(Holdings, Service):
     Requests made while it has no welcomed session fail at once with
     :class:`NotConnected` (they are not queued); requests in flight when
     the connection drops fail with :class:`ConnectionClosed`.  Event
-    listeners and :meth:`events` carry on across reconnects (events
-    published while disconnected are lost).
+    listeners and :meth:`events` carry on across reconnects.  Events
+    published while disconnected are lost, except on history channels
+    (docs/protocol.md section 6): with ``recover`` (the default) the client
+    keeps their positions and subscribes again with them, so the node sends
+    the missed events first; recovery listeners hear whether it could.
 
     With a ``token`` callable and a JWT that has ``exp``, a Refresh with a
     new token from the callable is sent ``refresh_margin`` seconds before
@@ -459,11 +482,12 @@ class ReconnectingClient(Holdings, Service):
         handshake_timeout: float = 10.0,
         max_message_size: int = 16 << 20,
         tls_options=None,
+        recover: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
-        Holdings.__init__(self, urls)
+        Holdings.__init__(self, urls, recover=recover)
         self._token = token
         self._batch = batch
         self._refresh_margin = refresh_margin
@@ -612,10 +636,19 @@ class ReconnectingClient(Holdings, Service):
         return self._hold(channel, self.request(Opcode.Subscribe, channel=channel))
 
     def unsubscribe(self, channel: str) -> "Deferred[Message]":
-        """Unsubscribe; the channel is forgotten at once, even if the request fails."""
+        """Unsubscribe; the channel (and its positions) is forgotten at once, even if the request fails."""
         self._interests.asked(channel)
         self._interests.dropped(channel)
+        self._positions.forget(channel)
         return self.request(Opcode.Unsubscribe, channel=channel)
+
+    def history(self, channel: str, limit: int = 0,
+                positions: "Optional[Sequence[Position]]" = None) -> "Deferred[HistoryAnswer]":
+        """What a history channel holds on the node: the latest ``limit`` events (0: all, at most 1000),
+        or those after ``positions``; fire with a :class:`HistoryAnswer` (``events``, ``positions``,
+        ``recovered``).  It moves no positions of the client's own."""
+        d = self.request(Opcode.History, **history_fields(channel, limit, positions))
+        return d.addCallback(history_answer)
 
     def watch(self, kind: str, ident: str) -> "Deferred[Message]":
         watchable = Watchable(kind, ident)
@@ -631,7 +664,10 @@ class ReconnectingClient(Holdings, Service):
         ticket = self._interests.asked(key)
 
         def granted(answer: Message) -> Message:
+            # Called as the Ack arrives, before any later event: the positions it carries come first.
             self._interests.granted(key, ticket)
+            if isinstance(key, str) and key in self._interests.channels:
+                self._positions.acked(key, answer)
             return answer
 
         return d.addCallback(granted)
@@ -720,9 +756,14 @@ class ReconnectingClient(Holdings, Service):
             if hello_error_is_fatal(e):
                 self._fatal = e
             raise
-        requests = self._interests.requests()
-        results = await DeferredList([client.request(opcode, **fields) for _, opcode, fields in requests],
-                                     consumeErrors=True)
+        requests = self._requests_again()
+        asked = []
+        for key, opcode, fields in requests:
+            d = client.request(opcode, **fields)
+            # As each Ack arrives (before any later event): positions, and recovery listeners.
+            d.addCallback(self._answered_again_cb, key, fields)
+            asked.append(d)
+        results = await DeferredList(asked, consumeErrors=True)
         dropped = []
         for (key, _, _), (ok, result) in zip(requests, results, strict=True):
             if ok:
@@ -731,6 +772,7 @@ class ReconnectingClient(Holdings, Service):
                 result.raiseException()
             self.log.warn("The node refused {key} again after a reconnect: {error}", key=key, error=result.value)
             self._interests.dropped(key)
+            self._positions.forget(key)  # type: ignore[arg-type]
             dropped.append((key, result.value))
         if client.closed_reason is not None:
             raise client.closed_reason
@@ -746,6 +788,17 @@ class ReconnectingClient(Holdings, Service):
         waiting, self._connected_waiters = self._connected_waiters, []
         for d, _ in waiting:
             d.callback(self)
+
+    def _answered_again_cb(self, answer: Message, key: Union[str, Watchable], fields: dict) -> Message:
+        recovery = self._answered_again(key, fields, answer)
+        if recovery is not None:
+            if recovery.recovered:
+                self.log.info("Recovered {count} events on {channel}", count=recovery.events,
+                              channel=recovery.channel)
+            else:
+                self.log.warn("Not recovered on {channel}: events may be missing", channel=recovery.channel)
+            _tell(self.log, self._recovery_listeners, recovery)
+        return answer
 
     def _setup_failed(self, failure: Failure, client: MeshClient) -> None:
         if client.closed_reason is None:
@@ -805,6 +858,7 @@ class ReconnectingClient(Holdings, Service):
         _tell(self.log, self._state_listeners, change)
 
     def _deliver(self, event: Message) -> None:
+        self._positions.seen(event)
         _tell(self.log, self._listeners, event)
 
     # -- JWT refresh --------------------------------------------------------------------

@@ -14,9 +14,21 @@ import binascii
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
-from meshd.codec import ErrorCode, Message, Opcode, ProtocolError, Watchable, decode, error_code_name, unpack_batch
+from uuid import UUID
+
+from meshd.codec import (
+    ErrorCode,
+    Message,
+    Opcode,
+    Position,
+    ProtocolError,
+    Watchable,
+    decode,
+    error_code_name,
+    unpack_batch,
+)
 from meshd.constants import (
     CLOSE_DISCONNECTED,
     CLOSE_DRAINING,
@@ -33,13 +45,17 @@ __all__ = [
     "CONNECTING",
     "DISCONNECTED",
     "ConnectionClosed",
+    "HistoryAnswer",
     "Interests",
     "MeshError",
     "NotConnected",
+    "Positions",
+    "Recovery",
     "StateChange",
     "Targets",
     "backoff_policy",
     "close_action",
+    "history_answer",
     "hello_error_is_fatal",
     "jwt_expiry",
     "read_frame",
@@ -286,6 +302,132 @@ class Interests:
         return out
 
 
+# -- history channels: positions and recovery ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a reconnecting client tells its recovery listeners, once per history channel it subscribed to
+    again with its positions (docs/protocol.md section 6, *History and recovery*).
+
+    ``recovered``: the node replayed every event missed since ``positions``
+    (``events`` of them, delivered to the event listeners before this call);
+    False: nothing was replayed and events may be missing, so the application
+    should fetch the channel's state again (``history()``, its backend).
+    ``url`` is the node's.
+    """
+
+    channel: str
+    recovered: bool
+    events: int = 0
+    positions: tuple = ()
+    url: Optional[str] = None
+
+    def describe(self) -> str:
+        """One line for people, as ``meshctl sub --recover`` prints it."""
+        if self.recovered:
+            return f"recovered {self.events} event{'' if self.events == 1 else 's'} on {self.channel}"
+        return (f"not recovered on {self.channel}: the node cannot vouch for every event since the positions; "
+                "events may be missing")
+
+
+class HistoryAnswer(NamedTuple):
+    """The answer to a History request: the ``events`` (Event frames, oldest first), the channel's
+    ``positions`` now, and (given positions) whether nothing after them is missing (``recovered``)."""
+
+    events: list
+    positions: list
+    recovered: bool
+
+
+def history_fields(channel: str, limit: int = 0, positions: Optional[Iterable[Position]] = None) -> dict:
+    """The fields of a History request."""
+    return dict(channel=channel, limit=limit, positions=None if positions is None else list(positions))
+
+
+def history_answer(answer: Message) -> HistoryAnswer:
+    """The events, positions and ``recovered`` of the Ack to a History request."""
+    return HistoryAnswer(unpack_batch(answer), list(answer.positions or ()), answer.recovered)
+
+
+class Positions:
+    """Where a client is in each history channel: per origin (node, epoch), the highest seq received.
+
+    A channel counts as a history channel once a Subscribe Ack carries
+    ``positions`` (possibly none); those are the starting point.  Each event
+    of the channel with a ``seq`` moves its origin's position.  After an
+    Ack that says ``recovered``, the positions are merged with the Ack's
+    (the highest of each); after any other, they are the Ack's: the client
+    starts again from where the channel is now.
+    """
+
+    def __init__(self) -> None:
+        self._channels: dict[str, dict[tuple[UUID, int], int]] = {}
+        #: channel -> [events received since its recovering Subscribe, the positions it asked from]
+        self._replaying: dict[str, list] = {}
+
+    def __contains__(self, channel: object) -> bool:
+        return channel in self._channels
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(self._channels)
+
+    def get(self, channel: str) -> Optional[list[Position]]:
+        """The channel's positions, or None if it is not a history channel (or not subscribed)."""
+        table = self._channels.get(channel)
+        if table is None:
+            return None
+        return [Position(node, epoch, seq) for (node, epoch), seq in table.items()]
+
+    def seen(self, event: Message) -> None:
+        """An event arrived: move its origin's position in its channel."""
+        seq = event.seq
+        if not seq:
+            return
+        table = self._channels.get(event.channel)  # type: ignore[arg-type]
+        if table is None:
+            return
+        key = (event.node, event.epoch)
+        if seq > table.get(key, 0):  # type: ignore[arg-type]
+            table[key] = seq  # type: ignore[index]
+        replaying = self._replaying.get(event.channel)  # type: ignore[arg-type]
+        if replaying is not None:
+            replaying[0] += 1
+
+    def acked(self, channel: str, answer: Message) -> None:
+        """The Ack of a Subscribe of ``channel`` arrived (before any later event of the channel)."""
+        if answer.positions is None:
+            self._channels.pop(channel, None)
+            return
+        table = self._channels.get(channel, {}) if answer.recovered else {}
+        for p in answer.positions:
+            key = (p.node, p.epoch)
+            if p.seq > table.get(key, -1):
+                table[key] = p.seq
+        self._channels[channel] = table
+
+    def forget(self, channel: str) -> None:
+        self._channels.pop(channel, None)
+        self._replaying.pop(channel, None)
+
+    def recovering(self, channel: str) -> dict:
+        """The fields of a Subscribe that recovers ``channel`` from its positions; counts what is replayed."""
+        asked = self.get(channel) or []
+        self._replaying[channel] = [0, tuple(asked)]
+        return {"channel": channel, "recover": True, "positions": asked}
+
+    def recovered(self, channel: str, answer: Message, url: Optional[str] = None) -> Recovery:
+        """The Ack of a recovering Subscribe arrived: take its positions; what to tell recovery listeners."""
+        replayed, asked = self._replaying.pop(channel, (0, ()))
+        self.acked(channel, answer)
+        return Recovery(channel, answer.recovered, replayed if answer.recovered else 0, asked, url)
+
+    def clear_replays(self) -> None:
+        """A session ended: recovering Subscribes in flight will not be answered."""
+        self._replaying.clear()
+
+
 # -- what both reconnecting clients hold ------------------------------------------------------
 
 
@@ -293,11 +435,14 @@ class Holdings:
     """What the Twisted and asyncio reconnecting clients keep alike: their URLs, what to subscribe and
     watch again, and who listens to events and state changes."""
 
-    def __init__(self, urls: Union[str, Sequence[str]]) -> None:
+    def __init__(self, urls: Union[str, Sequence[str]], recover: bool = True) -> None:
         self._targets = Targets(urls)
         self._interests = Interests()
+        self._positions = Positions()
+        self._recover = recover
         self._listeners: list[Callable[[Message], None]] = []
         self._state_listeners: list[Callable[["StateChange"], None]] = []
+        self._recovery_listeners: list[Callable[[Recovery], None]] = []
 
     @property
     def url(self) -> str:
@@ -319,6 +464,41 @@ class Holdings:
 
     def remove_listener(self, listener: Callable[[Message], None]) -> None:
         self._listeners.remove(listener)
+
+    def positions(self, channel: str) -> Optional[list[Position]]:
+        """Where the client is in history channel ``channel`` (per origin node and epoch, the last seq
+        received); None for a channel that keeps no history or is not subscribed."""
+        return self._positions.get(channel)
+
+    def add_recovery_listener(self, listener: Callable[[Recovery], None]) -> None:
+        """Call ``listener(recovery)`` with a :class:`Recovery` for each history channel subscribed to again
+        with its positions after a reconnect, once its Ack arrives (after the replayed events, before the
+        ``connected`` state change)."""
+        self._recovery_listeners.append(listener)
+
+    def remove_recovery_listener(self, listener: Callable[[Recovery], None]) -> None:
+        self._recovery_listeners.remove(listener)
+
+    def _requests_again(self) -> "list[tuple[Union[str, Watchable], int, dict]]":
+        """What to send on a new session: :meth:`Interests.requests`, history channels with their positions
+        (unless ``recover=False``)."""
+        out = []
+        self._positions.clear_replays()
+        for key, opcode, fields in self._interests.requests():
+            if self._recover and opcode == Opcode.Subscribe and key in self._positions:
+                fields = self._positions.recovering(key)  # type: ignore[arg-type]
+            out.append((key, opcode, fields))
+        return out
+
+    def _answered_again(self, key: Union[str, Watchable], fields: dict, answer: Message) -> Optional[Recovery]:
+        """The Ack of a request of :meth:`_requests_again` arrived: track its positions; the
+        :class:`Recovery` to report, if it recovered."""
+        if isinstance(key, Watchable) or key not in self._interests.channels:
+            return None
+        if fields.get("recover"):
+            return self._positions.recovered(key, answer, self.url)
+        self._positions.acked(key, answer)
+        return None
 
     def add_state_listener(self, listener: Callable[["StateChange"], None]) -> None:
         """Call ``listener(change)`` with a :class:`StateChange` at each state change."""

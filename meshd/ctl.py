@@ -10,7 +10,9 @@ could not be reached or closed the connection.
 cut they say so on standard error, subscribe or watch again, say so again
 ("subscribed to chat, news"), and go on printing events, however long the
 node is away; with ``--retry-for SECONDS`` they give up (exit 3) after that
-long without a connection.
+long without a connection.  ``sub --recover`` keeps the positions of history
+channels (docs/recovery.md) and, after a cut, gets the events it missed first
+("recovered 12 events on chat", or "not recovered on chat: ...").
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from uuid import UUID, uuid4
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from meshd.client import ConnectionClosed, EventStream, MeshError, ReconnectingClient, StateChange, connect
+from meshd.client import ConnectionClosed, EventStream, MeshError, ReconnectingClient, Recovery, StateChange, connect
 from meshd.clientcore import CONNECTED, DISCONNECTED, describe_keys
 from meshd.codec import Message, Watchable, event_type_name, opcode_name
 
@@ -86,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--retry-for", type=float, default=math.inf, metavar="SECONDS",
                      help="after a cut, reconnect for this long before giving up (exit 3); "
                           "0: exit at once, negative or inf: never give up (the default)")
+    sub.add_argument("--recover", action="store_true",
+                     help="on history channels, keep positions and, after a cut, get the events missed first "
+                          "(docs/recovery.md); says on standard error whether all could be recovered")
 
     pub = commands.add_parser("pub", parents=[common], help="publish one message")
     pub.add_argument("channel", metavar="CHANNEL")
@@ -230,8 +235,12 @@ class Follower:
     def __init__(self, reactor, args: argparse.Namespace, tls: dict) -> None:
         self.reactor = reactor
         self.args = args
+        recover = bool(getattr(args, "recover", False))
         self.client = ReconnectingClient(args.urls, args.token, reactor=reactor, initial_delay=0.5, max_delay=5.0,
-                                         handshake_timeout=args.timeout, tls_options=lambda url: tls[url])
+                                         handshake_timeout=args.timeout, tls_options=lambda url: tls[url],
+                                         recover=recover)
+        if recover:
+            self.client.add_recovery_listener(self.recovered)
         self.connected_once = False
         self.gave_up: Optional[str] = None
         self._give_up_call = None
@@ -257,6 +266,9 @@ class Follower:
             for key, error in change.dropped:
                 status(f"refused again after reconnecting: {describe_keys([key])}: {error}")
             status(f"reconnected to {change.url}; {self.held()}")
+
+    def recovered(self, recovery: Recovery) -> None:
+        status(recovery.describe())
 
     def give_up(self) -> None:
         self.gave_up = f"gave up: no connection for {self.args.retry_for:g} s"
