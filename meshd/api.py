@@ -14,6 +14,7 @@ distribute events, disconnect sessions, and read what the node holds:
 ``GET /api/info``           this node, its peers and links, its counts
 ``GET /api/channels``       channels: subscribers here and in the cluster
 ``GET /api/history``        a history channel's latest events here
+``GET /api/presence``       who is subscribed to a presence channel, cluster-wide
 ``GET /api/openapi.json``   :data:`OPENAPI`, the OpenAPI 3.1 document (no key)
 ==========================  ======================================================
 
@@ -303,6 +304,7 @@ class Root(Resource):
             b"info": Endpoint(api, {b"GET": api.info}),
             b"channels": Endpoint(api, {b"GET": api.channels}),
             b"history": Endpoint(api, {b"GET": api.history}, query=True),
+            b"presence": Endpoint(api, {b"GET": api.presence}, query=True),
             b"openapi.json": Endpoint(api, {b"GET": lambda: OPENAPI}, public=True),
         }
 
@@ -452,15 +454,26 @@ class Api:
     def info(self) -> dict:
         return node_info(self.app, self.started)
 
+    def presence(self, args: "dict[bytes, list[bytes]]") -> "Deferred[dict]":
+        """Who is subscribed to a presence channel, on every node that answers."""
+        values = _query(args, ("channel",))
+        channel = self.fields.channel(values["channel"][-1])
+        presence = self.app.presence
+        if presence is None or presence.options(channel) is None:
+            raise _bad("channel", "this channel has no presence ([[channels]] presence)")
+
+        def listed(found) -> dict:
+            entries, missing = found
+            return {"channel": channel, "missing": [str(n) for n in missing], "sessions": [
+                {"session": str(e.session), "node": str(e.node), "principal": e.principal, "info": e.info}
+                for e in entries]}
+
+        return presence.cluster(channel).addCallback(listed)
+
     def history(self, args: "dict[bytes, list[bytes]]") -> dict:
         """A history channel's events as this node keeps them: the latest ``limit`` (default 100)."""
         f = self.fields
-        values = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs] for k, vs in args.items()}
-        unknown = sorted(set(values) - {"channel", "limit"})
-        if unknown:
-            raise _bad(unknown[0], "unknown parameter (known: channel, limit)")
-        if "channel" not in values:
-            raise _missing("channel")
+        values = _query(args, ("channel", "limit"))
         channel = f.channel(values["channel"][-1])
         limit = HISTORY_DEFAULT_LIMIT
         if "limit" in values:
@@ -573,6 +586,17 @@ class ApiSite(server.Site):
 
     def logPrefix(self) -> str:
         return "ApiSite"
+
+
+def _query(args: "dict[bytes, list[bytes]]", known: "tuple[str, ...]") -> "dict[str, list[str]]":
+    """A query string's parameters; 400 naming an unknown one, or a missing ``channel``."""
+    values = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs] for k, vs in args.items()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise _bad(unknown[0], f"unknown parameter (known: {', '.join(known)})")
+    if "channel" not in values:
+        raise _missing("channel")
+    return values
 
 
 def _event_json(entry) -> dict:
@@ -811,6 +835,20 @@ OPENAPI: dict = {
                                   "description": "Where the channel is now on this node (protocol.md)."},
                 },
             },
+            "Presence": {
+                "type": "object", "required": ["channel", "sessions", "missing"], "additionalProperties": False,
+                "properties": {
+                    "channel": _CHANNEL,
+                    "missing": _MISSING,
+                    "sessions": {"type": "array", "items": {
+                        "type": "object", "required": ["session", "node", "principal", "info"],
+                        "additionalProperties": False,
+                        "properties": {"session": _UUID, "node": _UUID,
+                                       "principal": {"type": ["string", "null"]},
+                                       "info": {"type": ["string", "null"]}},
+                    }},
+                },
+            },
             "OpenAPI": {"type": "object", "required": ["openapi", "paths"]},
         },
     },
@@ -832,6 +870,11 @@ OPENAPI: dict = {
                  "schema": {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT, "default": HISTORY_DEFAULT_LIMIT}},
             ],
             "responses": _answers("History", 400, 401, 405),
+        }},
+        "/api/presence": {"get": {
+            **_get("Who is subscribed to a presence channel, on every node that answers.", "Presence")["get"],
+            "parameters": [{"name": "channel", "in": "query", "required": True, "schema": _CHANNEL}],
+            "responses": _answers("Presence", 400, 401, 405),
         }},
         "/api/openapi.json": _get("This document (no key needed).", "OpenAPI", public=True),
     },

@@ -93,6 +93,8 @@ class Application(MultiService):
         self.mesh = self._make_mesh(config.mesh) if config.mesh is not None else None
         router = self.mesh if self.mesh is not None else NullRouter(self.incarnation)
         self.state = NodeState(self.node_id, self.registry, self.delivery, router, self.metrics, self.history)
+        #: Who is subscribed to the channels with presence (``[[channels]]``), if any has it.
+        self.presence = self._make_presence(config)
         self.policy = Policy.development() if config.development else Policy(config.rules)
         #: Whether the authenticator comes from the configuration (and a reload replaces it).
         self._configured_authenticator = authenticator is None
@@ -223,6 +225,19 @@ class Application(MultiService):
         sweep.setName("history-sweep")
         sweep.setServiceParent(self)
         return history
+
+    def _make_presence(self, config: Config):
+        """Presence for the channels ``[[channels]]`` gives it, or None when none has it."""
+        if not any(entry.presence for entry in config.channels):
+            return None
+        from meshd.channels import ChannelTable
+        from meshd.presence import Presence
+
+        presence = Presence(self, ChannelTable(config.channels))
+        if self.mesh is not None:
+            self.mesh.routed_taps.append(presence.routed)
+            self.mesh.departure_observers.append(presence.departed)
+        return presence
 
     def _make_mesh(self, settings):
         """The service that links this node with the others of its cluster (``[mesh]``)."""
@@ -551,6 +566,9 @@ class Application(MultiService):
         if query.kind == QueryKind.Disconnect:
             return Reply(closed=self.disconnect(principal=query.principal, session=query.session,
                                                 code=query.code, reason=query.reason))
+        if query.kind == QueryKind.Presence:
+            found = self.presence is not None and query.channel is not None and self.presence.options(query.channel)
+            return Reply(presence=self.presence.local(query.channel) if found else ())
         if query.kind == QueryKind.History:
             if self.history is None or query.channel is None:
                 return Reply()

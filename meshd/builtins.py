@@ -25,6 +25,8 @@ def install(handlers: Handlers) -> None:
     handlers._install(Opcode.Watch, watch)
     handlers._install(Opcode.Unwatch, unwatch)
     handlers._install(Opcode.History, history)
+    handlers._install(Opcode.Presence, presence)
+    handlers._install(Opcode.PresenceStats, presence_stats)
 
 
 def hello(request: Request) -> Optional[Deferred]:
@@ -38,6 +40,9 @@ def hello(request: Request) -> Optional[Deferred]:
             ErrorCode.UnsupportedVersion,
             f"protocol version {message.version} is not supported; this node speaks {PROTOCOL_VERSION}",
         )
+    if message.info is not None and len(message.info.encode("utf-8")) > MAX_INFO:
+        raise ProtocolError(ErrorCode.InvalidArgument, f"info is at most {MAX_INFO} bytes")
+    session.info = message.info
     if message.token is None:
         _welcome(request, None)
         return None
@@ -200,8 +205,33 @@ def history(request: Request) -> Optional[bytes]:
     return None
 
 
+#: The longest ``info`` a Hello may give, in bytes (UTF-8).
+MAX_INFO = 256
 #: The most events one History answer holds (its ``limit`` is capped there).
 HISTORY_LIMIT = 1000
+
+
+def presence(request: Request) -> Deferred:
+    """Who is subscribed to a presence channel, on every node that answers (Ack: ``presence``)."""
+    return _presence(request).addCallback(lambda entries: request.reply(Opcode.Ack, presence=entries))
+
+
+def presence_stats(request: Request) -> Deferred:
+    """How many sessions, and distinct principals, are subscribed to a presence channel."""
+    def counted(entries) -> None:
+        principals = {e.principal for e in entries if e.principal is not None}
+        request.reply(Opcode.Ack, sessions=len(entries), principals=len(principals))
+
+    return _presence(request).addCallback(counted)
+
+
+def _presence(request: Request) -> Deferred:
+    app = request.app
+    channel = _channel(request)
+    _require(request, SUBSCRIBE, channel)
+    if app.presence is None or app.presence.options(channel) is None:
+        raise ProtocolError(ErrorCode.InvalidArgument, f"channel {channel!r} has no presence ([[channels]] presence)")
+    return app.presence.cluster(channel).addCallback(lambda found: found[0])
 
 
 def unsubscribe(request: Request) -> None:

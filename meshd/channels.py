@@ -32,6 +32,10 @@ class ChannelOptions:
     history_bytes: int = DEFAULT_HISTORY_BYTES
     #: A Subscribe with positions gets what was missed first (needs history).
     recover: bool = False
+    #: Who is subscribed, cluster-wide: the Presence and PresenceStats opcodes, GET /api/presence.
+    presence: bool = False
+    #: Join and Leave events to the channel's subscribers (needs presence).
+    join_leave: bool = False
 
     @property
     def history(self) -> bool:

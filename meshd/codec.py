@@ -22,6 +22,7 @@ import flatbuffers
 from meshd import flatverify as fv
 from meshd.flatverify import Position
 from meshd.fb.client import Frame as F
+from meshd.fb.client import PresenceEntry as PE
 from meshd.fb.client import Watchable as W
 from meshd.fb.client.ErrorCode import ErrorCode
 from meshd.fb.client.EventType import EventType
@@ -75,6 +76,15 @@ class Watchable:
     id: str
 
 
+class PresenceEntry(NamedTuple):
+    """One session subscribed to a presence channel (``schemas/client.fbs``)."""
+
+    session: Optional[UUID] = None
+    node: Optional[UUID] = None
+    principal: Optional[str] = None
+    info: Optional[str] = None
+
+
 class Message(NamedTuple):
     """One decoded frame.  Absent fields are ``None`` (or 0 / False for scalars).
 
@@ -104,6 +114,10 @@ class Message(NamedTuple):
     recover: bool = False
     recovered: bool = False
     limit: int = 0
+    info: Optional[str] = None
+    presence: "Optional[list[PresenceEntry]]" = None
+    sessions: int = 0
+    principals: int = 0
 
 
 def _names(enum: type) -> dict[int, str]:
@@ -163,6 +177,10 @@ def encode(
     recover: bool = False,
     recovered: bool = False,
     limit: int = 0,
+    info: Optional[str] = None,
+    presence: "Optional[Iterable[PresenceEntry]]" = None,
+    sessions: int = 0,
+    principals: int = 0,
 ) -> bytes:
     """Build one finished Frame buffer; fields left at their default are omitted."""
     size = 64 + (len(payload) if payload else 0) + (len(channel) * 4 if channel else 0)
@@ -180,6 +198,8 @@ def encode(
         W.AddKind(b, kind)
         W.AddId(b, ident)
         wa = W.End(b)
+    nf = b.CreateString(info) if info is not None else 0
+    pr = presence_vector(b, presence) if presence is not None else 0
     po = 0
     if positions is not None:
         positions = list(positions)
@@ -220,8 +240,36 @@ def encode(
     F.AddRecover(b, recover)
     F.AddRecovered(b, recovered)
     F.AddLimit(b, limit)
+    if nf:
+        F.AddInfo(b, nf)
+    if presence is not None:
+        F.AddPresence(b, pr)
+    F.AddSessions(b, sessions)
+    F.AddPrincipals(b, principals)
     b.Finish(F.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
+
+
+def presence_vector(b: flatbuffers.Builder, entries: "Iterable[PresenceEntry]") -> int:
+    """A vector of PresenceEntry tables (for Frame.presence and the mesh's Answer.presence)."""
+    offsets = []
+    for e in entries:
+        principal = b.CreateString(e.principal) if e.principal is not None else 0
+        info = b.CreateString(e.info) if e.info is not None else 0
+        PE.Start(b)
+        if e.session is not None:
+            PE.AddSession(b, _uuid(b, e.session))
+        if e.node is not None:
+            PE.AddNode(b, _uuid(b, e.node))
+        if principal:
+            PE.AddPrincipal(b, principal)
+        if info:
+            PE.AddInfo(b, info)
+        offsets.append(PE.End(b))
+    b.StartVector(4, len(offsets), 4)
+    for o in reversed(offsets):
+        b.PrependUOffsetTRelative(o)
+    return b.EndVector()
 
 
 # -- verified decoding --------------------------------------------------------
@@ -235,6 +283,13 @@ WATCHABLE = fv.Table(
     "Watchable",
     (fv.Field("kind", fv.STRING, required=True), fv.Field("id", fv.STRING, required=True)),
     _watchable,
+)
+
+PRESENCE_ENTRY = fv.Table(
+    "PresenceEntry",
+    (fv.Field("session", fv.UUID_STRUCT), fv.Field("node", fv.UUID_STRUCT), fv.Field("principal", fv.STRING),
+     fv.Field("info", fv.STRING)),
+    lambda values: PresenceEntry(**values),
 )
 
 # Frame's fields in vtable order (schemas/client.fbs).
@@ -263,6 +318,10 @@ FRAME = fv.Table(
         fv.Field("recover", fv.BOOL),
         fv.Field("recovered", fv.BOOL),
         fv.Field("limit", fv.U32),
+        fv.Field("info", fv.STRING),
+        fv.Field("presence", fv.TABLES, PRESENCE_ENTRY),
+        fv.Field("sessions", fv.U32),
+        fv.Field("principals", fv.U32),
     ),
     partial(tuple.__new__, Message),
     positional=True,

@@ -423,6 +423,8 @@ _CHANNEL_KEYS = {
     "history_ttl": lambda v: _positive_seconds(v),
     "history_bytes": _int(1024),
     "recover": lambda v: _flag(v),
+    "presence": lambda v: _flag(v),
+    "join_leave": lambda v: _flag(v),
 }
 
 
@@ -453,6 +455,8 @@ def _channels(body: Any, path: Path) -> "tuple[ChannelOptions, ...]":
         options = ChannelOptions(entry["match"], **values)
         if options.recover and not options.history:
             raise ConfigError(f"{where}.recover: needs history (history_size > 0)")
+        if options.join_leave and not options.presence:
+            raise ConfigError(f"{where}.join_leave: needs presence = true")
         entries.append(options)
     return tuple(entries)
 

@@ -77,12 +77,11 @@ class ChannelHistory:
             if key in self.covered and gone.seq > self.covered[key]:
                 self.covered[key] = gone.seq
 
-    def cut(self, own: UUID) -> list[Position]:
-        """Where the channel is now: per origin covered here, the last event seen (or, for a peer, the start
-        of coverage); this node (``own``) only once it has published on the channel."""
+    def cut(self) -> list[Position]:
+        """Where the channel is now: per origin covered here (this node always), the last event seen, or
+        the start of coverage."""
         return [Position(origin, epoch, max(after, self.latest.get((origin, epoch), 0)))
-                for (origin, epoch), after in self.covered.items()
-                if origin != own or (origin, epoch) in self.latest]
+                for (origin, epoch), after in self.covered.items()]
 
     def after(self, positions: Iterable[Position]) -> Optional[list[Entry]]:
         """Every event held after ``positions``, in the order they came here; None when this node cannot
@@ -197,4 +196,4 @@ class History:
         if limit and len(entries) > limit:
             entries = entries[-limit:]
             complete = False if positions is not None else complete
-        return entries, complete, history.cut(self.node_id)
+        return entries, complete, history.cut()

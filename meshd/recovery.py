@@ -95,7 +95,10 @@ def _replay(app: "Application", channel: str, positions: "list[Position]", missi
         key = (p.node, p.epoch)
         if p in missing:
             if key not in vouched:
-                return None
+                if p.node in linked or _held_after(held, key, p.seq):
+                    return None
+                since[key] = -1  # gone, and no node followed it: nothing of it after p reached anyone else
+                continue
             events = [(seq, frame) for seq, frame in vouched[key] if seq > p.seq]
             replay += [frame for _, frame in events]
             last = max([p.seq] + [seq for seq, _ in events])
@@ -118,6 +121,11 @@ def _replay(app: "Application", channel: str, positions: "list[Position]", missi
         replay += [e.frame for e in held.entries if since.get((e.origin, e.epoch), -1) != -1
                    and e.seq > since[(e.origin, e.epoch)]]
     return replay
+
+
+def _held_after(held, key: "tuple[UUID, int]", seq: int) -> bool:
+    """Whether this node holds events of ``key`` after ``seq`` (it did not follow them all)."""
+    return held is not None and any((e.origin, e.epoch) == key and e.seq > seq for e in held.entries)
 
 
 def _frames(payload: bytes) -> "list[bytes]":

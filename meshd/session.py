@@ -193,7 +193,7 @@ class Session:
     """
 
     __slots__ = (
-        "id", "protocol", "peer", "outlet", "metrics", "phase", "principal", "grants", "expires", "batch",
+        "id", "protocol", "peer", "outlet", "metrics", "phase", "principal", "grants", "expires", "batch", "info",
         "close_code", "channels", "watching", "lifecycle", "queue", "_clock", "_hello_timer", "_expiry_timer",
         "__weakref__",
     )
@@ -226,6 +226,8 @@ class Session:
         self.expires: Optional[float] = None
         #: Whether it takes Batch frames (said so in its Hello).
         self.batch = False
+        #: What the client's Hello said about itself (``info``), shown in presence.
+        self.info: Optional[str] = None
         #: The close code the node sent it, if the node closed it.
         self.close_code: Optional[int] = None
         self.channels: set[str] = set()

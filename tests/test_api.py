@@ -379,6 +379,23 @@ class ReadTests(ApiTestCase):
         self.assertIn("channel", await self.error_of(400, "missing_field", "GET", "/api/history"))
         self.assertIn("since", await self.error_of(400, "invalid_field", "GET", "/api/history?channel=chat.a&since=1"))
 
+    async def test_presence(self) -> None:
+        """GET /api/presence lists a presence channel's sessions; a channel without presence is a 400."""
+        from meshd.channels import ChannelOptions
+
+        await self.start_api(Config(source=Path("test.toml"), tokens=TOKENS, rules=_EVERYONE,
+                                    channels=(ChannelOptions("room.*", presence=True),)))
+        alice, anonymous = await self.client("alice-token"), await self.client()
+        for client in (alice, anonymous):
+            await client.subscribe("room.1")
+        status, answer, _ = await self.call("GET", "/api/presence?channel=room.1")
+        self.assertEqual(status, 200)
+        self.assertEqual(sorted((s["session"], s["principal"]) for s in answer["sessions"]),
+                         sorted([(str(alice.session_id), "alice"), (str(anonymous.session_id), None)]))
+        self.assertEqual(answer["missing"], [])
+        self.assertIn("no presence", await self.error_of(400, "invalid_field", "GET", "/api/presence?channel=x"))
+        self.assertIn("channel", await self.error_of(400, "missing_field", "GET", "/api/presence"))
+
     async def test_openapi_document(self) -> None:
         """GET /api/openapi.json needs no key and is a valid OpenAPI 3.1 document naming every endpoint."""
         from openapi_spec_validator import validate
@@ -390,7 +407,7 @@ class ReadTests(ApiTestCase):
         self.assertEqual(document["openapi"], "3.1.0")
         self.assertEqual(sorted(document["paths"]), sorted(
             f"/api/{name}" for name in ("publish", "broadcast", "notify", "distribute", "disconnect", "info",
-                                        "channels", "history", "openapi.json")))
+                                        "channels", "history", "presence", "openapi.json")))
         self.assertEqual(document, json.loads(json.dumps(OPENAPI)))
 
 
@@ -516,11 +533,11 @@ class CurlExampleTests(ApiTestCase):
         if curl is None:
             raise unittest.SkipTest("curl is not installed")
         examples = self.examples()
-        self.assertEqual(len(examples), 9)
+        self.assertEqual(len(examples), 10)
         from meshd.channels import ChannelOptions
 
         await self.start_api(Config(source=Path("test.toml"), tokens=TOKENS, rules=_EVERYONE,
-                                    channels=(ChannelOptions("chat", history_size=10),)))
+                                    channels=(ChannelOptions("chat", history_size=10, presence=True),)))
         listener = await self.client("alice-token")
         await listener.subscribe("chat")
         await listener.watch("document", "42")

@@ -23,7 +23,7 @@ from meshd.codec import (
     event_type_name,
     opcode_name,
 )
-from meshd.codec import Position
+from meshd.codec import Position, PresenceEntry
 from meshd.fb.client.Frame import Frame
 
 from meshd import flatverify as fv
@@ -67,6 +67,11 @@ messages = st.builds(
     recover=st.booleans(),
     recovered=st.booleans(),
     limit=st.integers(0, (1 << 32) - 1),
+    info=st.none() | texts,
+    presence=st.none() | st.lists(st.builds(PresenceEntry, st.none() | uuids, st.none() | uuids,
+                                            st.none() | texts, st.none() | texts), max_size=4),
+    sessions=st.integers(0, (1 << 32) - 1),
+    principals=st.integers(0, (1 << 32) - 1),
 )
 
 
@@ -192,7 +197,9 @@ class HostileInputTests(unittest.SynchronousTestCase):
         full = encode(Opcode.Hello, request_id=1, channel="c", watchable=Watchable("k", "i"), payload=b"p",
                       event_type=1, session=UUID(int=1), node=UUID(int=2), error_code=1, message="m", token="t",
                       principal="p", version=1, exclude_self=True, max_message_size=9, batch=True,
-                      epoch=1, seq=1, positions=[Position(UUID(int=3), 1, 1)], recover=True, recovered=True, limit=1)
+                      epoch=1, seq=1, positions=[Position(UUID(int=3), 1, 1)], recover=True, recovered=True, limit=1,
+                      info="i", presence=[PresenceEntry(UUID(int=4), UUID(int=5), "p", "i")], sessions=1,
+                      principals=1)
         table = struct.unpack_from("<I", full)[0]
         vtable = table - struct.unpack_from("<i", full, table)[0]
         vt_size, t_size = struct.unpack_from("<HH", full, vtable)
@@ -305,7 +312,9 @@ class HostileInputTests(unittest.SynchronousTestCase):
         full = encode(Opcode.Hello, request_id=1, channel="c", watchable=Watchable("k", "i"), payload=b"p",
                       event_type=1, session=UUID(int=1), node=UUID(int=2), error_code=1, message="m", token="t",
                       principal="p", version=1, exclude_self=True, max_message_size=9, batch=True,
-                      epoch=1, seq=1, positions=[Position(UUID(int=3), 1, 1)], recover=True, recovered=True, limit=1)
+                      epoch=1, seq=1, positions=[Position(UUID(int=3), 1, 1)], recover=True, recovered=True, limit=1,
+                      info="i", presence=[PresenceEntry(UUID(int=4), UUID(int=5), "p", "i")], sessions=1,
+                      principals=1)
         table = struct.unpack_from("<I", full)[0]
         vtable = table - struct.unpack_from("<i", full, table)[0]
         seen = set()

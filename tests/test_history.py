@@ -20,7 +20,8 @@ from .support import NodeTestCase
 
 CHANNELS = (ChannelOptions("chat.*", history_size=100, history_ttl=60.0, recover=True),
             ChannelOptions("log.*", history_size=5),
-            ChannelOptions("room.*", history_size=2000, recover=True))
+            ChannelOptions("room.*", history_size=2000, recover=True),
+            ChannelOptions("small.*", history_size=3, recover=True))
 ME, PEER = UUID(int=1), UUID(int=2)
 
 
@@ -274,18 +275,38 @@ class MeshHistoryTests(MeshTestCase):
             self.assertEqual([e.payload for e in events_of(late)], expected)
 
     async def test_not_recovered_when_nobody_vouches(self) -> None:
-        """Positions of an origin that is gone and that no node followed are not recovered: nothing is
-        replayed, the Ack says so, and the session is subscribed all the same."""
+        """Positions older than what their origin still keeps are not recovered: nothing is replayed, the
+        Ack says so, and the session is subscribed all the same."""
         a, b = await self.history_cluster(2)
-        gone = Position(UUID(int=99), 5, 10)
-        client = await self.client_of(a)
-        answer = await client.request(Opcode.Subscribe, channel="chat.room", recover=True, positions=[gone])
-        self.assertFalse(answer.recovered)
         publisher = await self.client_of(b)
-        await self.interest_settled([a, b], "chat.room", [a])
-        await publisher.publish("chat.room", b"after")
+        for i in range(5):  # small.* keeps 3
+            await publisher.publish("small.x", b"old %d" % i)
+        first = Position(b.app.node_id, b.app.incarnation, 1)
+        client = await self.client_of(a)
+        answer = await client.request(Opcode.Subscribe, channel="small.x", recover=True, positions=[first])
+        self.assertFalse(answer.recovered)
+        await self.interest_settled([a, b], "small.x", [a])
+        await publisher.publish("small.x", b"after")
         await self.wait_for(lambda: len(events_of(client)) == 1, "the live event")
+        self.assertEqual([e.payload for e in events_of(client)], [b"after"])
         self.assertEqual(a.app.registry.pins, {})
+
+    async def test_the_subscription_node_publishes_later(self) -> None:
+        """Positions name the node they were taken on even before it published there: its later events are
+        recovered elsewhere, from it."""
+        a, b, c = await self.history_cluster(3)
+        sub = await self.client_of(a)
+        ack = await sub.request(Opcode.Subscribe, channel="room.y")
+        self.assertIn(a.app.node_id, {p.node for p in ack.positions})
+        await sub.close()
+        publisher = await self.client_of(a)
+        for i in range(5):
+            await publisher.publish("room.y", b"from a %d" % i)
+        again = await self.client_of(c)
+        answer = await again.request(Opcode.Subscribe, channel="room.y", recover=True, positions=ack.positions)
+        self.assertTrue(answer.recovered)
+        await self.settle(again)
+        self.assertEqual([e.payload for e in events_of(again)], [b"from a %d" % i for i in range(5)])
 
     async def test_markers_need_the_feature(self) -> None:
         """A node older than history (no "history" feature) is sent no Start marker."""
@@ -299,3 +320,20 @@ class MeshHistoryTests(MeshTestCase):
         await self.settle(await self.client_of(a), sub)  # what a sent b has arrived
         held = b.app.history.channels.get("chat.x")
         self.assertTrue(held is None or (a.app.node_id, a.app.incarnation) not in held.covered)
+
+
+class DocumentedChannelsTests(unittest.SynchronousTestCase):
+    def test_examples_parse(self) -> None:
+        """The [[channels]] examples of README.md and docs/configuration.md are valid configurations."""
+        import re
+
+        from meshd.config import parse, tomllib
+
+        from .support import ROOT
+
+        for doc in ("README.md", "docs/configuration.md"):
+            blocks = [b for b in re.findall(r"```toml\n(.*?)```", (ROOT / doc).read_text(), re.S) if "[[channels]]" in b]
+            self.assertEqual(len(blocks), 1, doc)
+            config = parse(tomllib.loads(blocks[0]), Path("meshd.toml"))
+            [options] = config.channels
+            self.assertTrue(options.recover and options.presence and options.join_leave, doc)

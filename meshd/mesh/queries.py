@@ -17,7 +17,7 @@ from uuid import UUID
 
 from twisted.internet.defer import Deferred
 
-from meshd.codec import Position
+from meshd.codec import Position, PresenceEntry
 from meshd.mesh.wire import QUERY_FEATURE, Answer, Query, encode_query
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class Reply:
     closed: "Iterable[UUID]" = ()  # Disconnect: the sessions closed
     events: "Iterable[bytes]" = ()  # History: Event frames
     covered: "Iterable[Position]" = ()  # History: the positions the events are complete after
+    presence: "Iterable[PresenceEntry]" = ()  # Presence: the channel's sessions on the node
 
 
 Answerer = Callable[[Query], Reply]

@@ -172,6 +172,10 @@ class Mesh(MultiService):
         self.dialers: dict[str, ClientService] = {}
         #: Every live connection, handshaking or open.
         self.links: set[Link] = set()
+        #: Shown every routed event of a channel: ``tap(origin, routed)`` (presence notes Joins and Leaves).
+        self.routed_taps: list[Callable[[UUID, Routed], None]] = []
+        #: Told when a node is gone for good, or came back as a new incarnation: ``observer(node)``.
+        self.departure_observers: list[Callable[[UUID], None]] = []
         #: Told of each change of a peer's interest: ``observer(node, channel, present)``.
         self._interest_observers: list[Callable[[UUID, str, bool], None]] = []
         #: This turn's changes of channel interest, sent at its end (EndOfTurn.ANNOUNCE).
@@ -394,6 +398,8 @@ class Mesh(MultiService):
                               address=hello.address, reason=undialable)
                 new_address = False
         if peer.incarnation != hello.incarnation:
+            if peer.incarnation is not None:
+                self._departed(peer.node)  # restarted: what the old one held is gone
             peer.incarnation = hello.incarnation
             peer.received_seq = 0
         current = peer.link
@@ -519,7 +525,8 @@ class Mesh(MultiService):
             raise Violation("a Query, which this node did not offer to answer")
         reply = self._answer(query)
         for payload in encode_answers(query.id, self._budget(), reply.sessions, list(reply.channels),
-                                      list(reply.closed), list(reply.events), list(reply.covered)):
+                                      list(reply.closed), list(reply.events), list(reply.covered),
+                                      list(reply.presence)):
             link.send(payload)
 
     def answer_received(self, link: Link, answer: Answer) -> None:
@@ -634,6 +641,10 @@ class Mesh(MultiService):
     def _interest_changed(self, channel: str, present: bool) -> None:
         self._pending_interest[channel] = present
         self.turn.want(EndOfTurn.ANNOUNCE)
+
+    def _departed(self, node: UUID) -> None:
+        for observer in list(self.departure_observers):
+            observer(node)
 
     def announce_now(self) -> None:
         """Send this turn's changes of interest now, so that frames sent after it follow them."""
@@ -835,6 +846,9 @@ class Mesh(MultiService):
         history = self._history
         if history is not None and routed.channel is not None and history.options(routed.channel) is not None:
             history.record(routed.channel, peer.node, peer.incarnation or 0, seq, routed.frame)
+        if self.routed_taps and routed.channel is not None:
+            for tap in self.routed_taps:
+                tap(peer.node, routed)
         self._deliver(routed)
 
     def _expire(self) -> None:
@@ -851,6 +865,7 @@ class Mesh(MultiService):
             if peer.interests and down > settings.queue_max_seconds:
                 # Past the outage bound nothing need wait for it: it sends its interest again when it links.
                 self._free_interest(peer)
+                self._departed(peer.node)
             if down > settings.forget_after:
                 self.log.info("Forgetting node {node}: unreachable for {seconds:.0f}s", node=peer.node,
                               seconds=down)

@@ -13,6 +13,7 @@ import flatbuffers
 
 from meshd import flatverify as fv
 from meshd.codec import PADDING, WATCHABLE, EventType, Position, Watchable, encode_event, string_part, watchable_part
+from meshd.codec import PRESENCE_ENTRY, PresenceEntry, presence_vector
 from meshd.codec import batch_payload as _batch_payload
 from meshd.fb.client.Position import CreatePosition
 from meshd.fb.client.Uuid import CreateUuid
@@ -141,6 +142,7 @@ class Answer:
     closed: tuple[UUID, ...] = ()
     events: bytes = b""
     covered: tuple[Position, ...] = ()
+    presence: tuple[PresenceEntry, ...] = ()
 
 
 MeshFrame = Union[LinkHello, Heartbeat, Routed, Interest, Peers, Goodbye, Query, Answer]
@@ -236,8 +238,9 @@ _ANSWER = fv.Table(
         fv.Field("closed", fv.UUIDS),
         fv.Field("events", fv.BYTES),
         fv.Field("covered", fv.POSITIONS),
+        fv.Field("presence", fv.TABLES, PRESENCE_ENTRY),
     ),
-    _make(Answer, ("channels", "closed", "covered")),
+    _make(Answer, ("channels", "closed", "covered", "presence")),
 )
 _FRAME = fv.Table(
     "Frame",
@@ -389,9 +392,10 @@ def encode_query(query: Query) -> bytes:
 
 
 def _encode_answer(id: int, more: bool, sessions: int, channels, closed, events: bytes = b"",
-                   covered=()) -> bytes:
+                   covered=(), presence=()) -> bytes:
     b = flatbuffers.Builder(256 + len(events))
     event_vector = b.CreateByteVector(events) if events else 0
+    presence_offsets = presence_vector(b, presence) if presence else 0
     covered_vector = _positions(b, covered) if covered else 0
     counts = []
     for channel, subscribers in channels:
@@ -415,31 +419,35 @@ def _encode_answer(id: int, more: bool, sessions: int, channels, closed, events:
         A.AddEvents(b, event_vector)
     if covered_vector:
         A.AddCovered(b, covered_vector)
+    if presence_offsets:
+        A.AddPresence(b, presence_offsets)
     return _finish(b, Body.Answer, A.End(b))
 
 
 def encode_answers(id: int, budget: int, sessions: int = 0, channels=(), closed=(), events=(),
-                   covered=()) -> list[bytes]:
+                   covered=(), presence=()) -> list[bytes]:
     """The Answer frames to query ``id``: ``channels`` ((name, subscribers) pairs), ``closed`` and
     ``events`` (Event frames) split so that each frame stays within ``budget`` bytes (an event larger
     than that goes alone); all but the last have ``more`` set; ``covered`` goes in the last."""
     kinds = (("c", channels, lambda c: len(c[0].encode("utf-8")) + 24), ("s", closed, lambda s: 16),
-             ("e", events, lambda e: len(e) + 4))
+             ("e", events, lambda e: len(e) + 4),
+             ("p", presence, lambda p: 64 + len((p.principal or "").encode()) + len((p.info or "").encode())))
     parts: list[dict] = []
-    part: dict = {"c": [], "s": [], "e": []}
+    part: dict = {"c": [], "s": [], "e": [], "p": []}
     used = 0
     for kind, items, size_of in kinds:
         for item in items:
             size = size_of(item)
             if used + size > budget and any(part.values()):
                 parts.append(part)
-                part, used = {"c": [], "s": [], "e": []}, 0
+                part, used = {"c": [], "s": [], "e": [], "p": []}, 0
             part[kind].append(item)
             used += size
     parts.append(part)
     last = len(parts) - 1
     return [
-        _encode_answer(id, i < last, sessions, p["c"], p["s"], _batch_payload(p["e"]), covered if i == last else ())
+        _encode_answer(id, i < last, sessions, p["c"], p["s"], _batch_payload(p["e"]), covered if i == last else (),
+                       p["p"])
         for i, p in enumerate(parts)
     ]
 

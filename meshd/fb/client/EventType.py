@@ -9,4 +9,6 @@ class EventType(object):
     ChannelEvent = 3
     CacheEvent = 4
     ResourceEvent = 5
+    Join = 6
+    Leave = 7
     UserFirst = 1024

@@ -231,8 +231,54 @@ class Frame(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Frame
+    def Info(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(48))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # Frame
+    def Presence(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(50))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from meshd.fb.client.PresenceEntry import PresenceEntry
+            obj = PresenceEntry()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Frame
+    def PresenceLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(50))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Frame
+    def PresenceIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(50))
+        return o == 0
+
+    # Frame
+    def Sessions(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(52))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+    # Frame
+    def Principals(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(54))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
 def FrameStart(builder):
-    builder.StartObject(22)
+    builder.StartObject(26)
 
 def Start(builder):
     FrameStart(builder)
@@ -380,6 +426,36 @@ def FrameAddLimit(builder, limit):
 
 def AddLimit(builder, limit):
     FrameAddLimit(builder, limit)
+
+def FrameAddInfo(builder, info):
+    builder.PrependUOffsetTRelativeSlot(22, flatbuffers.number_types.UOffsetTFlags.py_type(info), 0)
+
+def AddInfo(builder, info):
+    FrameAddInfo(builder, info)
+
+def FrameAddPresence(builder, presence):
+    builder.PrependUOffsetTRelativeSlot(23, flatbuffers.number_types.UOffsetTFlags.py_type(presence), 0)
+
+def AddPresence(builder, presence):
+    FrameAddPresence(builder, presence)
+
+def FrameStartPresenceVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartPresenceVector(builder, numElems):
+    return FrameStartPresenceVector(builder, numElems)
+
+def FrameAddSessions(builder, sessions):
+    builder.PrependUint32Slot(24, sessions, 0)
+
+def AddSessions(builder, sessions):
+    FrameAddSessions(builder, sessions)
+
+def FrameAddPrincipals(builder, principals):
+    builder.PrependUint32Slot(25, principals, 0)
+
+def AddPrincipals(builder, principals):
+    FrameAddPrincipals(builder, principals)
 
 def FrameEnd(builder):
     return builder.EndObject()

@@ -19,4 +19,6 @@ class Opcode(object):
     Batch = 13
     Refresh = 14
     History = 15
+    Presence = 16
+    PresenceStats = 17
     UserFirst = 1024

@@ -149,8 +149,33 @@ class Answer(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
         return o == 0
 
+    # Answer
+    def Presence(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from meshd.fb.client.PresenceEntry import PresenceEntry
+            obj = PresenceEntry()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Answer
+    def PresenceLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Answer
+    def PresenceIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        return o == 0
+
 def AnswerStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(8)
 
 def Start(builder):
     AnswerStart(builder)
@@ -220,6 +245,18 @@ def AnswerStartCoveredVector(builder, numElems):
 
 def StartCoveredVector(builder, numElems):
     return AnswerStartCoveredVector(builder, numElems)
+
+def AnswerAddPresence(builder, presence):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(presence), 0)
+
+def AddPresence(builder, presence):
+    AnswerAddPresence(builder, presence)
+
+def AnswerStartPresenceVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartPresenceVector(builder, numElems):
+    return AnswerStartPresenceVector(builder, numElems)
 
 def AnswerEnd(builder):
     return builder.EndObject()

@@ -6,3 +6,4 @@ class QueryKind(object):
     Stats = 0
     Disconnect = 1
     History = 2
+    Presence = 3

@@ -30,6 +30,8 @@ var EventType = /* @__PURE__ */ ((EventType2) => {
   EventType2[EventType2["ChannelEvent"] = 3] = "ChannelEvent";
   EventType2[EventType2["CacheEvent"] = 4] = "CacheEvent";
   EventType2[EventType2["ResourceEvent"] = 5] = "ResourceEvent";
+  EventType2[EventType2["Join"] = 6] = "Join";
+  EventType2[EventType2["Leave"] = 7] = "Leave";
   EventType2[EventType2["UserFirst"] = 1024] = "UserFirst";
   return EventType2;
 })(EventType || {});
@@ -812,6 +814,8 @@ var Opcode = /* @__PURE__ */ ((Opcode2) => {
   Opcode2[Opcode2["Batch"] = 13] = "Batch";
   Opcode2[Opcode2["Refresh"] = 14] = "Refresh";
   Opcode2[Opcode2["History"] = 15] = "History";
+  Opcode2[Opcode2["Presence"] = 16] = "Presence";
+  Opcode2[Opcode2["PresenceStats"] = 17] = "PresenceStats";
   Opcode2[Opcode2["UserFirst"] = 1024] = "UserFirst";
   return Opcode2;
 })(Opcode || {});
@@ -875,6 +879,61 @@ var Position = class {
     builder.writeInt64(BigInt(node_lo ?? 0));
     builder.writeInt64(BigInt(node_hi ?? 0));
     return builder.offset();
+  }
+};
+
+// src/gen/meshd/fb/client/presence-entry.ts
+var PresenceEntry = class _PresenceEntry {
+  constructor() {
+    this.bb = null;
+    this.bb_pos = 0;
+  }
+  __init(i, bb) {
+    this.bb_pos = i;
+    this.bb = bb;
+    return this;
+  }
+  static getRootAsPresenceEntry(bb, obj) {
+    return (obj || new _PresenceEntry()).__init(bb.readInt32(bb.position()) + bb.position(), bb);
+  }
+  static getSizePrefixedRootAsPresenceEntry(bb, obj) {
+    bb.setPosition(bb.position() + SIZE_PREFIX_LENGTH);
+    return (obj || new _PresenceEntry()).__init(bb.readInt32(bb.position()) + bb.position(), bb);
+  }
+  session(obj) {
+    const offset = this.bb.__offset(this.bb_pos, 4);
+    return offset ? (obj || new Uuid()).__init(this.bb_pos + offset, this.bb) : null;
+  }
+  node(obj) {
+    const offset = this.bb.__offset(this.bb_pos, 6);
+    return offset ? (obj || new Uuid()).__init(this.bb_pos + offset, this.bb) : null;
+  }
+  principal(optionalEncoding) {
+    const offset = this.bb.__offset(this.bb_pos, 8);
+    return offset ? this.bb.__string(this.bb_pos + offset, optionalEncoding) : null;
+  }
+  info(optionalEncoding) {
+    const offset = this.bb.__offset(this.bb_pos, 10);
+    return offset ? this.bb.__string(this.bb_pos + offset, optionalEncoding) : null;
+  }
+  static startPresenceEntry(builder) {
+    builder.startObject(4);
+  }
+  static addSession(builder, sessionOffset) {
+    builder.addFieldStruct(0, sessionOffset, 0);
+  }
+  static addNode(builder, nodeOffset) {
+    builder.addFieldStruct(1, nodeOffset, 0);
+  }
+  static addPrincipal(builder, principalOffset) {
+    builder.addFieldOffset(2, principalOffset, 0);
+  }
+  static addInfo(builder, infoOffset) {
+    builder.addFieldOffset(3, infoOffset, 0);
+  }
+  static endPresenceEntry(builder) {
+    const offset = builder.endObject();
+    return offset;
   }
 };
 
@@ -1048,8 +1107,28 @@ var Frame = class _Frame {
     const offset = this.bb.__offset(this.bb_pos, 46);
     return offset ? this.bb.readUint32(this.bb_pos + offset) : 0;
   }
+  info(optionalEncoding) {
+    const offset = this.bb.__offset(this.bb_pos, 48);
+    return offset ? this.bb.__string(this.bb_pos + offset, optionalEncoding) : null;
+  }
+  presence(index, obj) {
+    const offset = this.bb.__offset(this.bb_pos, 50);
+    return offset ? (obj || new PresenceEntry()).__init(this.bb.__indirect(this.bb.__vector(this.bb_pos + offset) + index * 4), this.bb) : null;
+  }
+  presenceLength() {
+    const offset = this.bb.__offset(this.bb_pos, 50);
+    return offset ? this.bb.__vector_len(this.bb_pos + offset) : 0;
+  }
+  sessions() {
+    const offset = this.bb.__offset(this.bb_pos, 52);
+    return offset ? this.bb.readUint32(this.bb_pos + offset) : 0;
+  }
+  principals() {
+    const offset = this.bb.__offset(this.bb_pos, 54);
+    return offset ? this.bb.readUint32(this.bb_pos + offset) : 0;
+  }
   static startFrame(builder) {
-    builder.startObject(22);
+    builder.startObject(26);
   }
   static addOpcode(builder, opcode) {
     builder.addFieldInt16(0, opcode, 0 /* None */);
@@ -1129,6 +1208,28 @@ var Frame = class _Frame {
   }
   static addLimit(builder, limit) {
     builder.addFieldInt32(21, limit, 0);
+  }
+  static addInfo(builder, infoOffset) {
+    builder.addFieldOffset(22, infoOffset, 0);
+  }
+  static addPresence(builder, presenceOffset) {
+    builder.addFieldOffset(23, presenceOffset, 0);
+  }
+  static createPresenceVector(builder, data) {
+    builder.startVector(4, data.length, 4);
+    for (let i = data.length - 1; i >= 0; i--) {
+      builder.addOffset(data[i]);
+    }
+    return builder.endVector();
+  }
+  static startPresenceVector(builder, numElems) {
+    builder.startVector(4, numElems, 4);
+  }
+  static addSessions(builder, sessions) {
+    builder.addFieldInt32(24, sessions, 0);
+  }
+  static addPrincipals(builder, principals) {
+    builder.addFieldInt32(25, principals, 0);
   }
   static endFrame(builder) {
     const offset = builder.endObject();

@@ -7,5 +7,6 @@ export { EventType } from './client/event-type.js';
 export { Frame } from './client/frame.js';
 export { Opcode } from './client/opcode.js';
 export { Position } from './client/position.js';
+export { PresenceEntry } from './client/presence-entry.js';
 export { Uuid } from './client/uuid.js';
 export { Watchable } from './client/watchable.js';

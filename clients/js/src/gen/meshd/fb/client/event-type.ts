@@ -9,5 +9,7 @@ export enum EventType {
   ChannelEvent = 3,
   CacheEvent = 4,
   ResourceEvent = 5,
+  Join = 6,
+  Leave = 7,
   UserFirst = 1024
 }

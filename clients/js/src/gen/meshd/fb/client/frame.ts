@@ -8,6 +8,7 @@ import { ErrorCode } from '../../../meshd/fb/client/error-code.js';
 import { EventType } from '../../../meshd/fb/client/event-type.js';
 import { Opcode } from '../../../meshd/fb/client/opcode.js';
 import { Position } from '../../../meshd/fb/client/position.js';
+import { PresenceEntry } from '../../../meshd/fb/client/presence-entry.js';
 import { Uuid } from '../../../meshd/fb/client/uuid.js';
 import { Watchable } from '../../../meshd/fb/client/watchable.js';
 
@@ -167,8 +168,35 @@ limit():number {
   return offset ? this.bb!.readUint32(this.bb_pos + offset) : 0;
 }
 
+info():string|null
+info(optionalEncoding:flatbuffers.Encoding):string|Uint8Array|null
+info(optionalEncoding?:any):string|Uint8Array|null {
+  const offset = this.bb!.__offset(this.bb_pos, 48);
+  return offset ? this.bb!.__string(this.bb_pos + offset, optionalEncoding) : null;
+}
+
+presence(index: number, obj?:PresenceEntry):PresenceEntry|null {
+  const offset = this.bb!.__offset(this.bb_pos, 50);
+  return offset ? (obj || new PresenceEntry()).__init(this.bb!.__indirect(this.bb!.__vector(this.bb_pos + offset) + index * 4), this.bb!) : null;
+}
+
+presenceLength():number {
+  const offset = this.bb!.__offset(this.bb_pos, 50);
+  return offset ? this.bb!.__vector_len(this.bb_pos + offset) : 0;
+}
+
+sessions():number {
+  const offset = this.bb!.__offset(this.bb_pos, 52);
+  return offset ? this.bb!.readUint32(this.bb_pos + offset) : 0;
+}
+
+principals():number {
+  const offset = this.bb!.__offset(this.bb_pos, 54);
+  return offset ? this.bb!.readUint32(this.bb_pos + offset) : 0;
+}
+
 static startFrame(builder:flatbuffers.Builder) {
-  builder.startObject(22);
+  builder.startObject(26);
 }
 
 static addOpcode(builder:flatbuffers.Builder, opcode:Opcode) {
@@ -273,6 +301,34 @@ static addRecovered(builder:flatbuffers.Builder, recovered:boolean) {
 
 static addLimit(builder:flatbuffers.Builder, limit:number) {
   builder.addFieldInt32(21, limit, 0);
+}
+
+static addInfo(builder:flatbuffers.Builder, infoOffset:flatbuffers.Offset) {
+  builder.addFieldOffset(22, infoOffset, 0);
+}
+
+static addPresence(builder:flatbuffers.Builder, presenceOffset:flatbuffers.Offset) {
+  builder.addFieldOffset(23, presenceOffset, 0);
+}
+
+static createPresenceVector(builder:flatbuffers.Builder, data:flatbuffers.Offset[]):flatbuffers.Offset {
+  builder.startVector(4, data.length, 4);
+  for (let i = data.length - 1; i >= 0; i--) {
+    builder.addOffset(data[i]!);
+  }
+  return builder.endVector();
+}
+
+static startPresenceVector(builder:flatbuffers.Builder, numElems:number) {
+  builder.startVector(4, numElems, 4);
+}
+
+static addSessions(builder:flatbuffers.Builder, sessions:number) {
+  builder.addFieldInt32(24, sessions, 0);
+}
+
+static addPrincipals(builder:flatbuffers.Builder, principals:number) {
+  builder.addFieldInt32(25, principals, 0);
 }
 
 static endFrame(builder:flatbuffers.Builder):flatbuffers.Offset {

@@ -19,5 +19,7 @@ export enum Opcode {
   Batch = 13,
   Refresh = 14,
   History = 15,
+  Presence = 16,
+  PresenceStats = 17,
   UserFirst = 1024
 }
