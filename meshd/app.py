@@ -217,7 +217,7 @@ class Application(MultiService):
         from meshd.history import History
 
         history = History(ChannelTable(config.channels), self.clock, self.node_id, self.incarnation,
-                           subscribed=self.registry.channels.__contains__)
+                           subscribed=self.registry.channels.__contains__, max_bytes=config.max_history_bytes)
         # Without subscribers here, peers stop sending a channel: what this node holds of them ends there.
         self.registry.observe(lambda channel, present: None if present else history.end(channel))
         sweep = TimerService(HISTORY_SWEEP, history.sweep)

@@ -159,6 +159,8 @@ class Config:
     request_rate: Optional[float] = None
     request_burst: int = 2000
     max_channels: int = 100_000
+    #: Bytes of history channels' events a node keeps, all channels together (``limits.history_bytes``).
+    max_history_bytes: int = 64 << 20
     # [auth]
     tokens: Mapping[str, str] = field(default_factory=dict)
     # [auth.jwt]
@@ -328,6 +330,7 @@ _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "request_rate": ("request_rate", _rate_or_off),
         "request_burst": ("request_burst", _int(1)),
         "max_channels": ("max_channels", _int(1)),
+        "history_bytes": ("max_history_bytes", _int(1024)),
     },
     "auth": {"tokens": ("tokens", _tokens)},
     "extensions": {"modules": ("modules", _texts)},

@@ -71,11 +71,15 @@ class ChannelHistory:
         oldest = now - options.history_ttl
         while entries and (len(entries) > options.history_size or self.size > options.history_bytes
                            or entries[0].at < oldest):
-            gone = entries.popleft()
-            self.size -= len(gone.frame)
-            key = (gone.origin, gone.epoch)
-            if key in self.covered and gone.seq > self.covered[key]:
-                self.covered[key] = gone.seq
+            self.drop_first()
+
+    def drop_first(self) -> None:
+        """Drop the oldest event kept; its origin's coverage moves past it."""
+        gone = self.entries.popleft()
+        self.size -= len(gone.frame)
+        key = (gone.origin, gone.epoch)
+        if key in self.covered and gone.seq > self.covered[key]:
+            self.covered[key] = gone.seq
 
     def cut(self) -> list[Position]:
         """Where the channel is now: per origin covered here (this node always), the last event seen, or
@@ -106,7 +110,7 @@ class History:
     """Every history channel's :class:`ChannelHistory` on this node."""
 
     def __init__(self, table: ChannelTable, clock, node_id: UUID, epoch: int,
-                 subscribed: Callable[[str], bool] = lambda c: False) -> None:
+                 subscribed: Callable[[str], bool] = lambda c: False, max_bytes: int = 64 << 20) -> None:
         self.table = table
         self.clock = clock
         self.node_id = node_id
@@ -118,6 +122,12 @@ class History:
         #: events kept is forgotten by :meth:`sweep`).
         self._subscribed = subscribed
         self.channels: dict[str, ChannelHistory] = {}
+        #: The node-wide bound (``limits.history_bytes``): past it, the oldest events go, whatever their
+        #: channel (roughly in the order they came: :attr:`_order` names the channel of each).
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.count = 0
+        self._order: "deque[str]" = deque()
 
     def options(self, channel: Optional[str]) -> Optional[ChannelOptions]:
         """The options of ``channel`` when it keeps history, else None."""
@@ -142,7 +152,27 @@ class History:
         """An event of a history channel, published here or received from ``origin``."""
         history = self.of(channel)
         if history is not None:
-            history.add(Entry(origin, epoch, seq, frame, self.clock.seconds()), self.clock.seconds())
+            now = self.clock.seconds()
+            self._changing(history, lambda: history.add(Entry(origin, epoch, seq, frame, now), now))
+            self._order.append(channel)
+            while self.size > self.max_bytes and self._order:
+                oldest = self.channels.get(self._order.popleft())
+                if oldest is not None and oldest.entries:
+                    self._changing(oldest, oldest.drop_first)
+            if len(self._order) > 2 * self.count + 1024:
+                self._reorder()
+
+    def _changing(self, history: ChannelHistory, change: Callable[[], None]) -> None:
+        """Run ``change`` on one channel's history, keeping the node-wide totals."""
+        size, count = history.size, len(history.entries)
+        change()
+        self.size += history.size - size
+        self.count += len(history.entries) - count
+
+    def _reorder(self) -> None:
+        """Name the channel of each event kept, oldest first, anew (the old list named events gone since)."""
+        kept = sorted((e.at, channel) for channel, h in self.channels.items() for e in h.entries)
+        self._order = deque(channel for _, channel in kept)
 
     def begin(self, channel: str, origin: UUID, epoch: int, after: int) -> None:
         """``origin`` sends this node every event of ``channel`` after ``after`` (its Start marker)."""
@@ -157,7 +187,7 @@ class History:
         if history is None:  # nothing of it since the floor, this node's own events included
             own = (self.node_id, self.epoch)
             return [], [p for p in positions if (p.node, p.epoch) == own and p.seq >= self.floor]
-        history.trim(self.clock.seconds())
+        self._changing(history, lambda: history.trim(self.clock.seconds()))
         covered = [p for p in positions if history.covered.get((p.node, p.epoch), p.seq + 1) <= p.seq]
         after = {(p.node, p.epoch): p.seq for p in covered}
         return [e.frame for e in history.entries if e.seq > after.get((e.origin, e.epoch), e.seq)], covered
@@ -167,7 +197,7 @@ class History:
         no subscriber here (run now and then: memory then follows what is kept)."""
         now = self.clock.seconds()
         for channel, history in list(self.channels.items()):
-            history.trim(now)
+            self._changing(history, lambda: history.trim(now))
             if not history.entries and not self._subscribed(channel):
                 own = history.covered.get((self.node_id, self.epoch), 0)
                 self.floor = max(self.floor, own, history.latest.get((self.node_id, self.epoch), 0))
@@ -187,7 +217,7 @@ class History:
         history = self.of(channel)
         if history is None:
             return [], False, []
-        history.trim(self.clock.seconds())
+        self._changing(history, lambda: history.trim(self.clock.seconds()))
         if positions is None:
             entries, complete = list(history.entries), False
         else:

@@ -106,6 +106,19 @@ class HistoryStoreTests(unittest.SynchronousTestCase):
         self.assertEqual(self.history.read("chat.gone", positions=[Position(ME, 7, 40)])[1], False)
         self.assertEqual(self.history.read("chat.gone", positions=[Position(ME, 7, 41)])[1], True)
 
+    def test_node_wide_bytes(self) -> None:
+        """Past limits.history_bytes, all channels together, the oldest events go, whichever channel they are
+        in, and the coverage moves past them; the totals follow what is kept."""
+        self.history = History(ChannelTable(CHANNELS), self.clock, ME, 7, max_bytes=40)
+        for seq in range(1, 9):  # frames of 7 bytes, alternating between two channels
+            self.record(ME, seq, channel="chat.a" if seq % 2 else "chat.b")
+            self.clock.advance(1)
+        kept = {c: [e.seq for e in h.entries] for c, h in self.history.channels.items()}
+        self.assertEqual(kept, {"chat.a": [5, 7], "chat.b": [4, 6, 8]})  # the newest 5 of 7 bytes each
+        self.assertEqual((self.history.size, self.history.count), (35, 5))
+        self.assertEqual(self.history.read("chat.a", positions=[Position(ME, 7, 2)])[1], False)
+        self.assertEqual(self.history.read("chat.a", positions=[Position(ME, 7, 3)])[1], True)
+
     def test_limit_keeps_the_latest(self) -> None:
         for seq in range(1, 11):
             self.record(ME, seq)
