@@ -478,7 +478,7 @@ class Api:
         limit = HISTORY_DEFAULT_LIMIT
         if "limit" in values:
             text = values["limit"][-1]
-            if not text.isdigit() or not 1 <= int(text) <= HISTORY_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= HISTORY_LIMIT:
                 raise _bad("limit", f"expected an integer from 1 to {HISTORY_LIMIT}")
             limit = int(text)
         history = self.app.history

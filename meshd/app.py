@@ -95,6 +95,8 @@ class Application(MultiService):
         self.state = NodeState(self.node_id, self.registry, self.delivery, router, self.metrics, self.history)
         #: Who is subscribed to the channels with presence (``[[channels]]``), if any has it.
         self.presence = self._make_presence(config)
+        if self.mesh is not None and self.history is not None:
+            self.mesh.departure_observers.append(self.history.departed)
         self.policy = Policy.development() if config.development else Policy(config.rules)
         #: Whether the authenticator comes from the configuration (and a reload replaces it).
         self._configured_authenticator = authenticator is None
@@ -217,7 +219,8 @@ class Application(MultiService):
         from meshd.history import History
 
         history = History(ChannelTable(config.channels), self.clock, self.node_id, self.incarnation,
-                           subscribed=self.registry.channels.__contains__, max_bytes=config.max_history_bytes)
+                           subscribed=lambda c: c in self.registry.channels or c in self.registry.pins,
+                           max_bytes=config.max_history_bytes)
         # Without subscribers here, peers stop sending a channel: what this node holds of them ends there.
         self.registry.observe(lambda channel, present: None if present else history.end(channel))
         sweep = TimerService(HISTORY_SWEEP, history.sweep)
@@ -548,14 +551,14 @@ class Application(MultiService):
         """Where ``channel`` is now, for a Subscribe or History Ack: the history's ``cut``, and for each
         linked peer it does not name yet (its Start marker is on its way), the last number received
         from that peer: its events on the channel up to there were published before this node's
-        interest could reach it."""
+        interest could reach it."""  # noqa: D401
         from meshd.codec import Position
 
         if self.mesh is None:
             return cut
-        named = {p.node for p in cut}
+        named, linked = {p.node for p in cut}, set(self.mesh.linked())
         return cut + [Position(node, incarnation, seq) for node, incarnation, seq in self.mesh.received()
-                      if node not in named]
+                      if node not in named and node in linked]
 
     def answer_query(self, query):
         """What this node answers another's Query (meshd.mesh.queries): counts, the sessions it closed,

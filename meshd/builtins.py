@@ -172,12 +172,14 @@ def subscribe(request: Request) -> Optional[Deferred]:
     # the events missed since them come first (docs/recovery.md).  All in this turn: an event
     # published later reaches the session live, one published earlier is in the history.
     message = request.message
-    wants = message.recover and message.positions is not None and options.recover
-    entries, recovered, cut = app.history.read(channel, positions=message.positions if wants else None)
-    if wants and not recovered and app.mesh is not None:
+    positions = _positions(message.positions) if message.positions is not None else None
+    # Recovering a channel the session holds already would replay what it has: answered as not recovered.
+    wants = message.recover and positions is not None and options.recover and channel not in session.channels
+    entries, recovered, cut = app.history.read(channel, positions=positions if wants else None)
+    if wants and app.mesh is not None and (not recovered or not _names_every_node(app, positions)):
         from meshd.recovery import recover
 
-        return recover(app, request, channel, list(message.positions))  # the peers may cover the rest
+        return recover(app, request, channel, positions)  # the peers may cover the rest
     if recovered:
         session.send_events([e.frame for e in entries])
     registry.subscribe(session, channel)
@@ -205,6 +207,8 @@ def history(request: Request) -> Optional[bytes]:
     return None
 
 
+#: The most positions a Subscribe or History may give.
+MAX_POSITIONS = 1024
 #: The longest ``info`` a Hello may give, in bytes (UTF-8).
 MAX_INFO = 256
 #: The most events one History answer holds (its ``limit`` is capped there).
@@ -235,7 +239,30 @@ def _presence(request: Request) -> Deferred:
 
 
 def unsubscribe(request: Request) -> None:
-    request.app.registry.unsubscribe(request.session, _channel(request))
+    channel = _channel(request)
+    if request.app.history is not None:
+        from meshd.recovery import cancel
+
+        cancel(request.session.id, channel)  # a recovering Subscribe of it, under way, subscribes nothing
+    request.app.registry.unsubscribe(request.session, channel)
+
+
+def _positions(positions: list) -> list:
+    """A client's positions, one per (node, epoch) (its highest), at most :data:`MAX_POSITIONS`."""
+    if len(positions) > MAX_POSITIONS:
+        raise ProtocolError(ErrorCode.InvalidArgument, f"at most {MAX_POSITIONS} positions")
+    highest: dict = {}
+    for p in positions:
+        key = (p.node, p.epoch)
+        if key not in highest or p.seq > highest[key].seq:
+            highest[key] = p
+    return list(highest.values())
+
+
+def _names_every_node(app, positions: list) -> bool:
+    """Whether ``positions`` name every node linked now (else one may have published since, unseen)."""
+    named = {p.node for p in positions}
+    return all(node in named for node in app.mesh.linked())
 
 
 def publish(request: Request) -> None:

@@ -56,6 +56,8 @@ class ChannelHistory:
     covered: dict[tuple[UUID, int], int] = field(default_factory=dict)
     #: (origin, epoch) -> the last seq seen of it.
     latest: dict[tuple[UUID, int], int] = field(default_factory=dict)
+    #: (origin, epoch) -> where its last Start marker put the coverage (recovery checks it has not moved).
+    starts: dict[tuple[UUID, int], int] = field(default_factory=dict)
 
     def add(self, entry: Entry, now: float) -> None:
         self.entries.append(entry)
@@ -81,11 +83,11 @@ class ChannelHistory:
         if key in self.covered and gone.seq > self.covered[key]:
             self.covered[key] = gone.seq
 
-    def cut(self) -> list[Position]:
-        """Where the channel is now: per origin covered here (this node always), the last event seen, or
-        the start of coverage."""
+    def cut(self, own: UUID) -> list[Position]:
+        """Where the channel is now: per origin covered here, the last event seen, or the start of
+        coverage; this node (``own``) once it has published on the channel."""
         return [Position(origin, epoch, max(after, self.latest.get((origin, epoch), 0)))
-                for (origin, epoch), after in self.covered.items()]
+                for (origin, epoch), after in self.covered.items() if origin != own or (origin, epoch) in self.latest]
 
     def after(self, positions: Iterable[Position]) -> Optional[list[Entry]]:
         """Every event held after ``positions``, in the order they came here; None when this node cannot
@@ -176,9 +178,11 @@ class History:
 
     def begin(self, channel: str, origin: UUID, epoch: int, after: int) -> None:
         """``origin`` sends this node every event of ``channel`` after ``after`` (its Start marker)."""
+        if not self._subscribed(channel):
+            return  # a marker for interest given up since: the peer no longer sends the channel
         history = self.of(channel)
         if history is not None:
-            history.covered[(origin, epoch)] = after
+            history.covered[(origin, epoch)] = history.starts[(origin, epoch)] = after
 
     def covering(self, channel: str, positions: Iterable[Position]) -> tuple[list[bytes], list[Position]]:
         """For a peer recovering a client: of ``positions``, those this node has every event after, and
@@ -209,6 +213,18 @@ class History:
         if history is not None:
             for key in [k for k in history.covered if k[0] != self.node_id]:
                 del history.covered[key]
+                history.starts.pop(key, None)
+
+    def departed(self, node: UUID, epoch: Optional[int] = None) -> None:
+        """``node`` is gone, or came back as a new incarnation: forget what is known of its other
+        incarnations where nothing of them is kept (positions of them grow every Ack otherwise)."""
+        for history in self.channels.values():
+            held = {(e.origin, e.epoch) for e in history.entries}
+            for key in [k for k in (*history.covered, *history.latest) if k[0] == node and k[1] != epoch]:
+                if key not in held:
+                    history.covered.pop(key, None)
+                    history.latest.pop(key, None)
+                    history.starts.pop(key, None)
 
     def read(self, channel: str, limit: int = 0, positions: Optional[list[Position]] = None
              ) -> tuple[list[Entry], bool, list[Position]]:
@@ -226,4 +242,4 @@ class History:
         if limit and len(entries) > limit:
             entries = entries[-limit:]
             complete = False if positions is not None else complete
-        return entries, complete, history.cut()
+        return entries, complete, history.cut(self.node_id)

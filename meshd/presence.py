@@ -50,6 +50,8 @@ class Presence:
         #: node -> channel -> session -> (principal, info): the joins seen from other nodes.
         self.remote: dict[UUID, dict[str, dict[UUID, tuple[Optional[str], Optional[str]]]]] = {}
         app.registry.observe_members(self._member)
+        # Without subscribers here, this node no longer hears the channel's Leaves: forget its notes.
+        app.registry.observe(lambda channel, present: None if present else self._forget(channel))
 
     def options(self, channel: Optional[str]) -> "Optional[ChannelOptions]":
         """The options of ``channel`` when it has presence, else None."""
@@ -87,15 +89,20 @@ class Presence:
         if options is None or not options.join_leave:
             return  # (a subscribed session was welcomed: Subscribe needs Hello)
         kind = EventType.Join if joined else EventType.Leave
-        event = self._event(kind, channel, session.id, self.app.node_id, session.principal, session.info)
         state = self.app.state
-        state.router.route(RouteKind.ChannelMessage, event, channel=channel, exclude_session=session.id)
+        # On a history channel they are events of the channel like any other: numbered, kept, recovered.
+        epoch, seq = state._position(channel)
+        event = self._event(kind, channel, session.id, self.app.node_id, session.principal, session.info, epoch, seq)
+        if seq:
+            state._keep(channel, epoch, seq, event)
+        state.router.route(RouteKind.ChannelMessage, event, channel=channel, exclude_session=session.id,
+                           seq=seq or None)
         state._emit(CHANNEL, event, session.id)
 
     def _event(self, kind: int, channel: str, session: UUID, node: UUID, principal: Optional[str],
-               info: Optional[str]):
+               info: Optional[str], epoch: int = 0, seq: int = 0):
         frame = encode(Opcode.Event, event_type=kind, channel=channel, session=session, node=node,
-                       principal=principal, payload=(info or "").encode("utf-8"))
+                       principal=principal, payload=(info or "").encode("utf-8"), epoch=epoch, seq=seq)
         return received(frame, channel, None)
 
     def routed(self, node: UUID, routed: "Routed") -> None:
@@ -115,8 +122,16 @@ class Presence:
                 if not sessions:
                     del self.remote[node][routed.channel]
 
+    def _forget(self, channel: str) -> None:
+        for node in list(self.remote):
+            channels = self.remote[node]
+            channels.pop(channel, None)
+            if not channels:
+                del self.remote[node]
+
     def departed(self, node: UUID) -> None:
-        """``node`` is gone (or restarted): its sessions leave, told to this node's subscribers."""
+        """``node`` is gone (or restarted): its sessions leave, told to this node's subscribers (these
+        Leaves carry no position: they are this node's telling, not an event of the channel's stream)."""
         state = self.app.state
         for channel, sessions in self.remote.pop(node, {}).items():
             for session, (principal, info) in sessions.items():

@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 from uuid import UUID
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from meshd.codec import Opcode, Position, decode
+from meshd.mesh.framing import FrameTooLarge
 from meshd.mesh.wire import Query, QueryKind
 
 if TYPE_CHECKING:
@@ -37,21 +38,40 @@ RECOVERY_TIMEOUT = 2.0
 def recover(app: "Application", request: "Request", channel: str, positions: "list[Position]") -> Deferred:
     """Answer a Subscribe with ``recover`` whose ``positions`` this node does not all cover."""
     assert app.mesh is not None and app.history is not None
-    registry, history = app.registry, app.history
+    registry, history, mesh = app.registry, app.history, app.mesh
     registry.pin(channel)
-    app.mesh.announce_now()
-    held = history.channels.get(channel)
-    missing = [p for p in positions
-               if held is None or held.covered.get((p.node, p.epoch), p.seq + 1) > p.seq]
-    asked = app.mesh.ask(Query(kind=QueryKind.History, channel=channel, positions=tuple(missing)),
-                         RECOVERY_TIMEOUT)
+    try:
+        mesh.announce_now()
+        held = history.channels.get(channel)
+        missing = [p for p in positions
+                   if held is None or held.covered.get((p.node, p.epoch), p.seq + 1) > p.seq]
+        # A node the positions do not name is one the client saw nothing of (it joined later): all of
+        # its events count, so ask it from its first.
+        named, linked = {p.node for p in positions}, set(mesh.linked())
+        missing += [Position(node, incarnation, 0) for node, incarnation, _ in mesh.received()
+                    if node not in named and node in linked]
+        asked = mesh.ask(Query(kind=QueryKind.History, channel=channel, positions=tuple(missing)), RECOVERY_TIMEOUT)
+    except FrameTooLarge:
+        # Too many positions for one mesh frame: subscribed, and told it was not recovered.
+        registry.unpin(channel)
+        registry.subscribe(request.session, channel)
+        if request.message.request_id:
+            request.reply(Opcode.Ack, positions=app.positions_now(channel, history.read(channel)[2]), recovered=False)
+        return succeed(None)
+    except Exception:
+        registry.unpin(channel)
+        raise
+    pending = _Pending(request.session, channel)
+    _recovering[(request.session.id, channel)] = pending
 
     def answered(results: "Results") -> None:
         try:
-            replay = _replay(app, channel, positions, missing, results)
             session = request.session
-            if not session.is_open:
+            if not session.is_open or pending.cancelled:
+                if pending.cancelled and request.message.request_id and session.is_open:
+                    request.reply(Opcode.Ack, recovered=False)
                 return
+            replay = _replay(app, channel, positions, missing, results)
             if replay is not None:
                 session.send_events(replay)
             registry.subscribe(session, channel)
@@ -59,25 +79,50 @@ def recover(app: "Application", request: "Request", channel: str, positions: "li
                 request.reply(Opcode.Ack, positions=app.positions_now(channel, history.read(channel)[2]),
                               recovered=replay is not None)
         finally:
+            _recovering.pop((request.session.id, channel), None)
             registry.unpin(channel)
 
     return asked.addCallback(answered)
 
 
+class _Pending:
+    """A Subscribe being recovered: an Unsubscribe of the channel meanwhile cancels it."""
+
+    __slots__ = ("session", "channel", "cancelled")
+
+    def __init__(self, session, channel: str) -> None:
+        self.session, self.channel, self.cancelled = session, channel, False
+
+
+#: (session id, channel) -> the recovery under way.
+_recovering: "dict[tuple[UUID, str], _Pending]" = {}
+
+
+def cancel(session_id: UUID, channel: str) -> bool:
+    """An Unsubscribe: a recovery of ``channel`` for that session under way does not subscribe it."""
+    pending = _recovering.get((session_id, channel))
+    if pending is None:
+        return False
+    pending.cancelled = True
+    return True
+
+
 def _replay(app: "Application", channel: str, positions: "list[Position]", missing: "list[Position]",
             results: "Results") -> "Optional[list[bytes]]":
     """The frames to send before the Ack, or None when some position cannot be vouched for."""
-    history = app.history
-    assert history is not None
-    # The peers' answers: per position, the events after it, the origin's own answer first.
+    history, mesh = app.history, app.mesh
+    assert history is not None and mesh is not None
+    linked = set(mesh.linked())
+    # The peers' answers: per position, the events after it; the origin's own answer when it gave one.
     vouched: dict[tuple[UUID, int], list[tuple[int, bytes]]] = {}
     vouched_by: dict[tuple[UUID, int], UUID] = {}
-    by_origin = sorted(results.answers.items(), key=lambda item: 0 if any(p.node == item[0] for p in missing) else 1)
-    for node, answers in by_origin:
+    for node, answers in results.answers.items():
         covered = {(p.node, p.epoch) for a in answers for p in a.covered}
         frames = [f for a in answers for f in _frames(a.events)]
         for key in covered:
-            if key in vouched:
+            if key in vouched and vouched_by[key] == key[0]:
+                continue  # the origin's own answer is there already
+            if key in vouched and node != key[0]:
                 continue
             events = []
             for frame in frames:
@@ -86,35 +131,44 @@ def _replay(app: "Application", channel: str, positions: "list[Position]", missi
                     events.append((event.seq, frame))
             vouched[key] = events
             vouched_by[key] = node
-    linked = set(app.mesh.linked()) if app.mesh is not None else set()
     held = history.channels.get(channel)
     covered_here = held.covered if held is not None else {}
+    starts = held.starts if held is not None else {}
     since: dict[tuple[UUID, int], int] = {}
     replay: list[bytes] = []
+    for p in missing:
+        key = (p.node, p.epoch)
+        if key in since:
+            continue
+        if key not in vouched:
+            if (p.node == app.node_id or p.node in linked or _held_after(held, key, p.seq)
+                    or (p.seq and not mesh.gone(p.node))):
+                # Its events after p may exist, and no node vouches for them (an origin the client has
+                # events of is waited for until the mesh gives it up).
+                return None
+            since[key] = -1  # unreachable, and no node followed it: nothing of it after p reached a node here
+            continue
+        events = [(seq, frame) for seq, frame in vouched[key] if seq > p.seq]
+        last = max([p.seq] + [seq for seq, _ in events])
+        here = covered_here.get(key)
+        origin_answered = vouched_by[key] == p.node and here is not None and here == starts.get(key)
+        if here is not None and (here <= last or origin_answered):
+            # What came here since follows on: from a third node's answer only if it reaches this
+            # node's coverage; from the origin's own, when this node's coverage still starts at the
+            # origin's Start marker, which came before that answer on the same link.
+            since[key] = last
+        elif mesh.gone(p.node):
+            since[key] = -1  # gone: nothing more will come of it
+        else:
+            return None  # its events after the answer may not have come here: a gap could hide
+        replay += [frame for _, frame in events]
     for p in positions:
         key = (p.node, p.epoch)
-        if p in missing:
-            if key not in vouched:
-                if p.node in linked or _held_after(held, key, p.seq):
-                    return None
-                since[key] = -1  # gone, and no node followed it: nothing of it after p reached anyone else
-                continue
-            events = [(seq, frame) for seq, frame in vouched[key] if seq > p.seq]
-            replay += [frame for _, frame in events]
-            last = max([p.seq] + [seq for seq, _ in events])
-            here = covered_here.get(key)
-            if here is not None and (here <= last or vouched_by[key] == p.node):
-                # What came here since follows on: from a third node's answer only if it reaches this
-                # node's coverage; from the origin's own, always (its Start marker came before it).
-                since[key] = last
-            elif p.node in linked:
-                return None  # its events after the answer may not have come here: a gap could hide
-            else:
-                since[key] = -1  # gone: nothing more will come of it
-        elif covered_here.get(key, p.seq + 1) > p.seq:
+        if key in since:
+            continue
+        if covered_here.get(key, p.seq + 1) > p.seq:
             return None  # what this node held after it went meanwhile (its bounds)
-        else:
-            since[key] = p.seq
+        since[key] = p.seq
     if held is not None:
         for key, start in held.covered.items():
             since.setdefault(key, start)  # an origin the client saw nothing of: all held of it

@@ -63,11 +63,11 @@ class Queries:
             done.callback(results)
             return done
         query = replace(query, id=next(self._ids))
-        pending = _Pending({link.peer.node for link in targets}, results, done)
-        self._pending[query.id] = pending
         payload = encode_query(query)
         for link in targets:
-            link.send(payload)
+            link.send(payload)  # raises (FrameTooLarge) before anything is kept
+        pending = _Pending({link.peer.node for link in targets}, results, done)
+        self._pending[query.id] = pending
         pending.timer = self.clock.callLater(timeout, self._expire, query.id)
         return done
 

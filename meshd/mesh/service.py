@@ -523,10 +523,17 @@ class Mesh(MultiService):
         """A peer's Query: answer it on the same link, split to fit the frame size."""
         if self._answer is None:
             raise Violation("a Query, which this node did not offer to answer")
-        reply = self._answer(query)
-        for payload in encode_answers(query.id, self._budget(), reply.sessions, list(reply.channels),
+        try:
+            reply = self._answer(query)
+            payloads = encode_answers(query.id, self._budget(), reply.sessions, list(reply.channels),
                                       list(reply.closed), list(reply.events), list(reply.covered),
-                                      list(reply.presence)):
+                                      list(reply.presence))
+            for payload in payloads:
+                check_size(len(payload), self.settings.max_frame_size)
+        except Exception:
+            self.log.failure("Could not answer a query from {node}", node=link.peer.node if link.peer else "?")
+            payloads = encode_answers(query.id, self._budget())  # an empty answer: the asker goes on
+        for payload in payloads:
             link.send(payload)
 
     def answer_received(self, link: Link, answer: Answer) -> None:
@@ -720,9 +727,16 @@ class Mesh(MultiService):
                 observer(peer.node, channel, True)
 
     def received(self) -> "list[tuple[UUID, int, int]]":
-        """For each peer linked now: its node id, incarnation and the last number received from it."""
-        return [(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()
-                if p.link is not None and p.link.is_open]
+        """For each node known: its id, incarnation (0 if it never linked) and the last number received."""
+        return [(p.node, p.incarnation or 0, p.received_seq) for p in self.peers.values()]
+
+    def gone(self, node: UUID) -> bool:
+        """Whether ``node`` is given up: forgotten, or away past ``queue_max_seconds`` (its sessions are
+        gone from presence; nothing it sent before then is on its way)."""
+        peer = self.peers.get(node)
+        if peer is None:
+            return True
+        return peer.link is None and self.clock.seconds() - peer.down_since > self.settings.queue_max_seconds
 
     def linked(self) -> list[UUID]:
         """The nodes linked with this one now."""

@@ -443,6 +443,9 @@ def encode_answers(id: int, budget: int, sessions: int = 0, channels=(), closed=
                 part, used = {"c": [], "s": [], "e": [], "p": []}, 0
             part[kind].append(item)
             used += size
+    if covered and used + 32 * len(covered) > budget and any(part.values()):
+        parts.append(part)  # the covered positions go in the last frame: give them room
+        part = {"c": [], "s": [], "e": [], "p": []}
     parts.append(part)
     last = len(parts) - 1
     return [
