@@ -164,6 +164,13 @@ class NodeCollector(Collector):
         yield gauge("meshd_subscriptions", "Channel subscriptions over all sessions.",
                     sum(len(s) for s in r.channels.values()))
         yield gauge("meshd_watchables", "Watchables with at least one watcher.", len(r.watchers))
+        history = app.history
+        if history is not None:
+            yield gauge("meshd_history_bytes", "Bytes of history channels' events kept (limits.history_bytes).",
+                        history.size)
+            yield gauge("meshd_history_events", "History channels' events kept.", history.count)
+            yield gauge("meshd_history_channels", "History channels with something kept or followed.",
+                        len(history.channels))
         backlogs = [s.outlet.backlog for s in sessions if s.outlet is not None and s.outlet.backlog]
         yield gauge("meshd_sessions_backlogged",
                     "Sessions whose transport is full and that have a send backlog.", len(backlogs))

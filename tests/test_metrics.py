@@ -121,8 +121,15 @@ class MetricsTests(MeshTestCase):
 
     async def test_exposition_parses_and_matches_the_docs(self) -> None:
         """The output parses as Prometheus text, and each metric in docs/operations.md is there with its type."""
-        nodes = await self.cluster_of(2)
-        self.app = nodes[0].app
+        from meshd.channels import ChannelOptions
+
+        history = (ChannelOptions("h.*", history_size=5),)
+        first = await self.start_mesh_node(self.settings(0), channels=history)
+        second = await self.start_mesh_node(self.settings(1, [first.address]), channels=history)
+        await self.wait_for(lambda: first.links() == second.links() == 1, "the link")
+        self.app = first.app
+        client = await self.client_of(first)
+        await client.publish("h.1", b"kept")
         port = await self.serve()
         code, text = await self.get(port)
         self.assertEqual(code, 200)
@@ -135,6 +142,10 @@ class MetricsTests(MeshTestCase):
             self.assertEqual(family.type, kind, name)
         self.assertIn("process_cpu_seconds", found)
         self.assertIn("process_resident_memory_bytes", found)
+        node = str(first.app.node_id)
+        self.assertEqual((sample(text, "meshd_history_events", node=node), sample(text, "meshd_history_channels", node=node)),
+                         (1, 1))
+        self.assertEqual(sample(text, "meshd_history_bytes", node=node), first.app.history.size)
         undocumented = {n for n in found if n.startswith("meshd_")} - {
             n[: -len("_total")] if n.endswith("_total") else n for n, _ in documented}
         self.assertEqual(undocumented, set())
