@@ -78,3 +78,23 @@ class BenchSmokeTests(unittest.SynchronousTestCase):
         self.assertEqual((clean["bad_clients"], clean["healthy_lost"], clean["slow_closes"]), (0, 0, 0))
         self.assertEqual((bad["bad_clients"], bad["healthy_lost"]), (2, 0))
         self.assertEqual(bad["slow_closes"], 2, bad)
+
+
+class MeshSimulationSmokeTests(unittest.SynchronousTestCase):
+    def test_small_mesh(self) -> None:
+        """bench/meshsim.py on 4 nodes: the mesh forms from one seed, each subscribe is told to every other
+        node once, and every message reaches every subscriber once and in order, under churn too."""
+        out = Path(self.mktemp()).resolve().with_suffix(".json")
+        result = subprocess.run(
+            [sys.executable, str(BENCH / "meshsim.py"), "--nodes", "4", "--messages", "50", "--churn", "4",
+             "--churn-interval", "1.5", "--out", str(out)],
+            capture_output=True, text=True, timeout=180,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        [figures] = json.loads(out.read_text())
+        self.assertEqual(figures["failures"], [], result.stdout)
+        self.assertEqual(figures["open_links"], 6, result.stdout)  # a full mesh of 4: 6 links
+        self.assertEqual(figures["interest_frames_subscribe"], 3)
+        for phase in ("fanout", "churn"):
+            self.assertEqual((figures[phase]["missing"], figures[phase]["duplicates"], figures[phase]["out_of_order"]),
+                             (0, 0, 0), phase)
