@@ -295,3 +295,21 @@ class OutageTests(MeshTestCase):
         await self.wait_for(lambda: a.links() == 1, "link back")
         await pub.publish("c", b"fresh")
         await self.wait_for(lambda: payloads(sub.received) == [b"fresh"], "only the fresh frame")
+
+
+class StoppingLogTests(MeshTestCase):
+    async def test_a_stopping_node_warns_of_nothing(self) -> None:
+        """Stopping a node closes its links without a warning on either side: it says why at info level,
+        its peers log that it is shutting down."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        a, b = await self.cluster_of(2)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        await a.app.stopService()
+        await self.wait_for(lambda: b.links() == 0, "b to see the link go")
+        warnings = [formatEvent(e) for e in logged if e.get("log_level", LogLevel.info) >= LogLevel.warn]
+        self.assertEqual(warnings, [])
+        lines = [formatEvent(e) for e in logged]
+        self.assertTrue(any("this node is stopping" in line for line in lines), lines)
+        self.assertTrue(any("is shutting down" in line for line in lines), lines)

@@ -493,7 +493,10 @@ class Mesh(MultiService):
         peer.down_since = self.clock.seconds()
         self.queries.lost(peer.node)
         farewell = link.farewell
-        if farewell is not None and farewell.code == GoodbyeCode.Shutdown:
+        if not self.running:
+            self.log.info("Closed the link with node {node} at {address} (this node is stopping)", node=peer.node,
+                          address=peer.address)
+        elif farewell is not None and farewell.code == GoodbyeCode.Shutdown:
             self.log.info("Node {node} is shutting down", node=peer.node)
         elif farewell is not None:
             self.log.warn("Node {node} at {address} closed the link: {reason}", node=peer.node,
