@@ -551,7 +551,7 @@ class Application(MultiService):
         """Where ``channel`` is now, for a Subscribe or History Ack: the history's ``cut``, and for each
         linked peer it does not name yet (its Start marker is on its way), the last number received
         from that peer: its events on the channel up to there were published before this node's
-        interest could reach it."""  # noqa: D401
+        interest could reach it."""
         from meshd.codec import Position
 
         if self.mesh is None:

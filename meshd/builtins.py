@@ -243,7 +243,8 @@ def unsubscribe(request: Request) -> None:
     if request.app.history is not None:
         from meshd.recovery import cancel
 
-        cancel(request.session.id, channel)  # a recovering Subscribe of it, under way, subscribes nothing
+        # A recovering Subscribe of the channel still under way subscribes nothing.
+        cancel(request.app.history, request.session.id, channel)
     request.app.registry.unsubscribe(request.session, channel)
 
 

@@ -200,14 +200,7 @@ def encode(
         wa = W.End(b)
     nf = b.CreateString(info) if info is not None else 0
     pr = presence_vector(b, presence) if presence is not None else 0
-    po = 0
-    if positions is not None:
-        positions = list(positions)
-        F.StartPositionsVector(b, len(positions))
-        for p in reversed(positions):
-            n = p.node.int
-            CreatePosition(b, n >> 64, n & _U64, p.epoch, p.seq)
-        po = b.EndVector()
+    po = positions_vector(b, list(positions)) if positions is not None else 0
     F.Start(b)
     F.AddOpcode(b, opcode)
     F.AddRequestId(b, request_id)
@@ -248,6 +241,15 @@ def encode(
     F.AddPrincipals(b, principals)
     b.Finish(F.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
+
+
+def positions_vector(b: flatbuffers.Builder, positions: "list[Position]") -> int:
+    """A vector of Position structs (for Frame.positions and the mesh's Query and Answer)."""
+    b.StartVector(32, len(positions), 8)
+    for p in reversed(positions):
+        n = p.node.int
+        CreatePosition(b, n >> 64, n & _U64, p.epoch, p.seq)
+    return b.EndVector()
 
 
 def presence_vector(b: flatbuffers.Builder, entries: "Iterable[PresenceEntry]") -> int:
@@ -346,7 +348,12 @@ def encode_batch(frames: "list[bytes]") -> bytes:
 
 def unpack_batch(message: Message) -> "list[Message]":
     """The Event frames inside a decoded Batch frame; raise ProtocolError if they do not parse."""
-    data = message.payload or b""
+    return [decode(frame) for frame in batch_entries(message.payload or b"")]
+
+
+def batch_entries(data: bytes) -> "list[bytes]":
+    """The entries of a Batch-style payload (each a 4-byte little-endian length, then that many bytes);
+    raise ProtocolError if one does not fit."""
     out, at = [], 0
     while at < len(data):
         if at + 4 > len(data):
@@ -355,7 +362,7 @@ def unpack_batch(message: Message) -> "list[Message]":
         at += 4
         if at + length > len(data):
             raise ProtocolError(ErrorCode.Malformed, "malformed frame: batch entry out of bounds")
-        out.append(decode(data[at : at + length]))
+        out.append(data[at : at + length])
         at += length
     return out
 

@@ -47,18 +47,16 @@ class Event:
         self.channel = channel
         self.watchable = as_watchable(watchable)
         self.origin_node = node_id
-        if seq:  # a history channel's event: with its position
-            self.frame = encode_event(event_type, channel=channel, watchable=self.watchable, payload=bytes(payload),
-                                      session=session_id, node=node_id, epoch=epoch, seq=seq)
-        else:
-            self.frame = encode_event(
-                event_type,
-                channel=channel,
-                watchable=self.watchable,
-                payload=bytes(payload),
-                session=session_id,
-                node=node_id,
-            )
+        self.frame = encode_event(
+            event_type,
+            channel=channel,
+            watchable=self.watchable,
+            payload=bytes(payload),
+            session=session_id,
+            node=node_id,
+            epoch=epoch,  # with seq, a history channel's event's position (0: none)
+            seq=seq,
+        )
         self._wire: Optional[bytes] = None
 
     def positioned(self, channel: str, node_id: UUID, epoch: int, seq: int) -> "Event":

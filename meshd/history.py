@@ -124,6 +124,9 @@ class History:
         #: events kept is forgotten by :meth:`sweep`).
         self._subscribed = subscribed
         self.channels: dict[str, ChannelHistory] = {}
+        #: (session id, channel) -> a recovering Subscribe under way (meshd.recovery), which an
+        #: Unsubscribe of the channel cancels.
+        self.recovering: dict = {}
         #: The node-wide bound (``limits.history_bytes``): past it, the oldest events go, whatever their
         #: channel (roughly in the order they came: :attr:`_order` names the channel of each).
         self.max_bytes = max_bytes

@@ -89,12 +89,13 @@ class Presence:
         if options is None or not options.join_leave:
             return  # (a subscribed session was welcomed: Subscribe needs Hello)
         kind = EventType.Join if joined else EventType.Leave
-        state = self.app.state
+        state, node = self.app.state, self.app.node_id
+
+        def make(epoch: int = 0, seq: int = 0):
+            return self._event(kind, channel, session.id, node, session.principal, session.info, epoch, seq)
+
         # On a history channel they are events of the channel like any other: numbered, kept, recovered.
-        epoch, seq = state._position(channel)
-        event = self._event(kind, channel, session.id, self.app.node_id, session.principal, session.info, epoch, seq)
-        if seq:
-            state._keep(channel, epoch, seq, event)
+        event, seq = state.sequenced(channel, make) if state.keeps_history(channel) else (make(), 0)
         state.router.route(RouteKind.ChannelMessage, event, channel=channel, exclude_session=session.id,
                            seq=seq or None)
         state._emit(CHANNEL, event, session.id)

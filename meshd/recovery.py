@@ -22,7 +22,7 @@ from uuid import UUID
 
 from twisted.internet.defer import Deferred, succeed
 
-from meshd.codec import Opcode, Position, decode
+from meshd.codec import Opcode, Position, ProtocolError, batch_entries, decode
 from meshd.mesh.framing import FrameTooLarge
 from meshd.mesh.wire import Query, QueryKind
 
@@ -62,7 +62,7 @@ def recover(app: "Application", request: "Request", channel: str, positions: "li
         registry.unpin(channel)
         raise
     pending = _Pending(request.session, channel)
-    _recovering[(request.session.id, channel)] = pending
+    history.recovering[(request.session.id, channel)] = pending
 
     def answered(results: "Results") -> None:
         try:
@@ -79,7 +79,7 @@ def recover(app: "Application", request: "Request", channel: str, positions: "li
                 request.reply(Opcode.Ack, positions=app.positions_now(channel, history.read(channel)[2]),
                               recovered=replay is not None)
         finally:
-            _recovering.pop((request.session.id, channel), None)
+            history.recovering.pop((request.session.id, channel), None)
             registry.unpin(channel)
 
     return asked.addCallback(answered)
@@ -94,13 +94,9 @@ class _Pending:
         self.session, self.channel, self.cancelled = session, channel, False
 
 
-#: (session id, channel) -> the recovery under way.
-_recovering: "dict[tuple[UUID, str], _Pending]" = {}
-
-
-def cancel(session_id: UUID, channel: str) -> bool:
+def cancel(history, session_id: UUID, channel: str) -> bool:
     """An Unsubscribe: a recovery of ``channel`` for that session under way does not subscribe it."""
-    pending = _recovering.get((session_id, channel))
+    pending = history.recovering.get((session_id, channel))
     if pending is None:
         return False
     pending.cancelled = True
@@ -118,7 +114,10 @@ def _replay(app: "Application", channel: str, positions: "list[Position]", missi
     vouched_by: dict[tuple[UUID, int], UUID] = {}
     for node, answers in results.answers.items():
         covered = {(p.node, p.epoch) for a in answers for p in a.covered}
-        frames = [f for a in answers for f in _frames(a.events)]
+        try:
+            frames = [f for a in answers for f in batch_entries(a.events)]
+        except ProtocolError:
+            continue  # a malformed answer vouches for nothing
         for key in covered:
             if key in vouched and vouched_by[key] == key[0]:
                 continue  # the origin's own answer is there already
@@ -126,7 +125,10 @@ def _replay(app: "Application", channel: str, positions: "list[Position]", missi
                 continue
             events = []
             for frame in frames:
-                event = decode(frame)
+                try:
+                    event = decode(frame)
+                except ProtocolError:
+                    continue
                 if (event.node, event.epoch) == key:
                     events.append((event.seq, frame))
             vouched[key] = events
@@ -182,11 +184,3 @@ def _held_after(held, key: "tuple[UUID, int]", seq: int) -> bool:
     return held is not None and any((e.origin, e.epoch) == key and e.seq > seq for e in held.entries)
 
 
-def _frames(payload: bytes) -> "list[bytes]":
-    """The Event frames of a Batch-style payload (each after its 4-byte little-endian length)."""
-    out, at = [], 0
-    while at + 4 <= len(payload):
-        length = int.from_bytes(payload[at:at + 4], "little")
-        out.append(payload[at + 4:at + 4 + length])
-        at += 4 + length
-    return out

@@ -25,7 +25,7 @@ delivery writes the same bytes to every recipient.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 from uuid import UUID
 
 from meshd.codec import EventType
@@ -102,8 +102,7 @@ class Clients:
         """
         state = self._state
         exclude = _one(exclude, exclude_session, "exclude", "exclude_session")
-        history = state.history
-        if history is not None and history.options(channel) is not None:
+        if state.keeps_history(channel):
             return self._with_history(channel, frame, exclude, local_only, instance)
         if not isinstance(frame, Event):
             frame = Event(
@@ -124,13 +123,14 @@ class Clients:
         """:meth:`broadcast_to_channel` on a history channel: the event gets its position (with this node
         as its origin, whatever ``node_id`` said) and is kept (meshd.history)."""
         state = self._state
-        epoch, seq = state._position(channel)
         if isinstance(frame, Event):
-            frame = frame.positioned(channel, state.node_id, epoch, seq)
+            given = frame
+            frame, seq = state.sequenced(channel, lambda epoch, seq: given.positioned(channel, state.node_id, epoch, seq))
         else:
-            frame = Event(EventType.ChannelEvent, channel=channel, payload=frame, session_id=instance,
-                          node_id=state.node_id, epoch=epoch, seq=seq)
-        state._keep(channel, epoch, seq, frame)
+            payload = frame
+            frame, seq = state.sequenced(channel, lambda epoch, seq: Event(
+                EventType.ChannelEvent, channel=channel, payload=payload, session_id=instance,
+                node_id=state.node_id, epoch=epoch, seq=seq))
         if not local_only:
             state.router.route(RouteKind.ChannelMessage, frame, channel=channel, exclude_session=exclude, seq=seq)
         return state._emit(CHANNEL, frame, exclude)
@@ -183,16 +183,18 @@ class NodeState:
             node_id=self.node_id,
         )
 
-    def _position(self, channel: Optional[str]) -> tuple[int, int]:
-        """(epoch, seq) for an event of ``channel`` when it keeps history, else (0, 0)."""
-        history = self.history
-        if history is None or history.options(channel) is None:
-            return 0, 0
-        return self.router.incarnation, self.router.next_seq()
+    def keeps_history(self, channel: Optional[str]) -> bool:
+        """Whether events of ``channel`` are numbered and kept (``[[channels]]`` history)."""
+        return self.history is not None and self.history.options(channel) is not None
 
-    def _keep(self, channel: str, epoch: int, seq: int, event: Event) -> None:
+    def sequenced(self, channel: str, make: "Callable[[int, int], Event]") -> "tuple[Event, int]":
+        """An event of history channel ``channel`` that originates here: ``make(epoch, seq)`` builds it
+        with the next number of this node's events, and it is kept; returns it and its number."""
         assert self.history is not None
+        epoch, seq = self.router.incarnation, self.router.next_seq()
+        event = make(epoch, seq)
         self.history.record(channel, self.node_id, epoch, seq, event.frame)
+        return event, seq
 
     def _emit(self, scope: str, event: Event, exclude_session: Optional[UUID] = None) -> int:
         """Deliver an event that originates here to this node's sessions; count it."""
@@ -210,10 +212,11 @@ class NodeState:
         local delivery.
         """
         exclude_node = _one(exclude_id, exclude_node, "exclude_id", "exclude_node")
-        epoch, seq = self._position(frame.channel)
-        if seq:
-            frame = frame.positioned(frame.channel, self.node_id, epoch, seq)
-            self._keep(frame.channel, epoch, seq, frame)
+        seq = 0
+        channel = frame.channel
+        if channel is not None and self.keeps_history(channel):
+            given = frame
+            frame, seq = self.sequenced(channel, lambda epoch, seq: given.positioned(channel, self.node_id, epoch, seq))
         self.router.route(
             RouteKind.Event, frame, channel=frame.channel, watchable=frame.watchable, exclude_node=exclude_node,
             seq=seq or None,

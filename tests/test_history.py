@@ -169,6 +169,28 @@ class NodeHistoryTests(NodeTestCase):
             await client.request(Opcode.History, channel="plain")
         self.assertEqual(caught.exception.code, ErrorCode.InvalidArgument)
 
+    async def test_recover_what_is_held_already_or_twice(self) -> None:
+        """A recovering Subscribe of a channel the session holds replays nothing; positions given twice
+        for one origin count once, as the highest."""
+        await self.start_node(history_config())
+        client, publisher = await self.client(), await self.client()
+        await client.request(Opcode.Subscribe, channel="chat.d")
+        for i in range(3):
+            await publisher.publish("chat.d", b"m%d" % i)
+        await self.settle(client)
+        first = events_of(client)[0]
+        again = await client.request(Opcode.Subscribe, channel="chat.d", recover=True,
+                                     positions=[Position(first.node, first.epoch, 0)])
+        self.assertFalse(again.recovered)
+        await self.settle(client)
+        self.assertEqual(len(events_of(client)), 3)
+        other = await self.client()
+        doubled = [Position(first.node, first.epoch, first.seq), Position(first.node, first.epoch, 0)]
+        answer = await other.request(Opcode.Subscribe, channel="chat.d", recover=True, positions=doubled)
+        self.assertTrue(answer.recovered)
+        await self.settle(other)
+        self.assertEqual([e.payload for e in events_of(other)], [b"m1", b"m2"])
+
     async def test_recover_on_subscribe(self) -> None:
         """A Subscribe with recover and positions gets what it missed, in order and once, before its Ack;
         a position older than the history is not recovered and gets nothing."""
@@ -320,6 +342,23 @@ class MeshHistoryTests(MeshTestCase):
         self.assertTrue(answer.recovered)
         await self.settle(again)
         self.assertEqual([e.payload for e in events_of(again)], [b"from a %d" % i for i in range(5)])
+
+    async def test_unsubscribe_cancels_a_recovery(self) -> None:
+        """An Unsubscribe sent while a recovering Subscribe waits for the peers leaves the session
+        unsubscribed: the Subscribe is answered not recovered, and nothing is replayed."""
+        a, b = await self.history_cluster(2)
+        publisher = await self.client_of(b)
+        await publisher.publish("room.c", b"before")
+        client = await self.client_of(a)
+        position = Position(b.app.node_id, b.app.incarnation, 0)  # a does not follow room.c: it asks b
+        subscribing = client.request(Opcode.Subscribe, channel="room.c", recover=True, positions=[position])
+        unsubscribing = client.request(Opcode.Unsubscribe, channel="room.c")
+        answer, _ = await subscribing, await unsubscribing
+        self.assertFalse(answer.recovered)
+        await self.settle(client)
+        self.assertEqual(events_of(client), [])
+        self.assertNotIn("room.c", a.app.registry.channels)
+        self.assertEqual((a.app.registry.pins, a.app.history.recovering), ({}, {}))
 
     async def test_markers_need_the_feature(self) -> None:
         """A node older than history (no "history" feature) is sent no Start marker."""

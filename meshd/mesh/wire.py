@@ -13,9 +13,8 @@ import flatbuffers
 
 from meshd import flatverify as fv
 from meshd.codec import PADDING, WATCHABLE, EventType, Position, Watchable, encode_event, string_part, watchable_part
-from meshd.codec import PRESENCE_ENTRY, PresenceEntry, presence_vector
+from meshd.codec import PRESENCE_ENTRY, PresenceEntry, positions_vector, presence_vector
 from meshd.codec import batch_payload as _batch_payload
-from meshd.fb.client.Position import CreatePosition
 from meshd.fb.client.Uuid import CreateUuid
 from meshd.fb.mesh import Answer as A
 from meshd.fb.mesh import ChannelCount as CC
@@ -360,20 +359,12 @@ def encode_heartbeat(acked: int, ping: int = 0, pong: int = 0) -> bytes:
     return _finish(b, Body.Heartbeat, H.End(b))
 
 
-def _positions(b: flatbuffers.Builder, positions) -> int:
-    b.StartVector(32, len(positions), 8)
-    for p in reversed(positions):
-        n = p.node.int
-        CreatePosition(b, n >> 64, n & _U64, p.epoch, p.seq)
-    return b.EndVector()
-
-
 def encode_query(query: Query) -> bytes:
     b = flatbuffers.Builder(128)
     principal = b.CreateString(query.principal) if query.principal is not None else 0
     reason = b.CreateString(query.reason) if query.reason else 0
     channel = b.CreateString(query.channel) if query.channel is not None else 0
-    positions = _positions(b, query.positions) if query.positions else 0
+    positions = positions_vector(b, list(query.positions)) if query.positions else 0
     Q.Start(b)
     Q.AddId(b, query.id)
     Q.AddKind(b, query.kind)
@@ -396,7 +387,7 @@ def _encode_answer(id: int, more: bool, sessions: int, channels, closed, events:
     b = flatbuffers.Builder(256 + len(events))
     event_vector = b.CreateByteVector(events) if events else 0
     presence_offsets = presence_vector(b, presence) if presence else 0
-    covered_vector = _positions(b, covered) if covered else 0
+    covered_vector = positions_vector(b, list(covered)) if covered else 0
     counts = []
     for channel, subscribers in channels:
         name = b.CreateString(channel)
