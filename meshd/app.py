@@ -8,7 +8,8 @@ import inspect
 import math
 import random
 from dataclasses import fields, replace
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from uuid import UUID, uuid4
 
 from twisted.application import strports
@@ -24,7 +25,7 @@ from meshd import builtins
 from meshd._io import EndOfTurn, Outlet
 from meshd.auth import DevelopmentAuthenticator, IAuthenticator, JWTAuthenticator, TokenAuthenticator, TokensOrJWT
 from meshd.codec import ErrorCode, Opcode, ProtocolError, decode, encode
-from meshd.config import Config, ConfigError, key_of, load
+from meshd.config import Config, ConfigError, MeshSettings, key_of, load
 from meshd.constants import CLOSE_DRAINING, CLOSE_HELLO_TIMEOUT, CLOSE_SLOW_CONSUMER
 from meshd.delivery import LocalDelivery
 from meshd.handlers import Handlers, Request, lookup
@@ -36,6 +37,9 @@ from meshd.registry import Registry
 from meshd.session import Session
 from meshd.state import NodeState, NullRouter
 from meshd.websocket import MeshServerFactory
+
+if TYPE_CHECKING:
+    from meshd.mesh.local import Siblings
 
 #: A drain closes at most this many batches of sessions a second.
 DRAIN_BATCHES_PER_SECOND = 10
@@ -66,13 +70,17 @@ class Application(MultiService):
         *,
         clock: Optional[IReactorTime] = None,
         authenticator: Optional[IAuthenticator] = None,
+        siblings: "Optional[Siblings]" = None,
     ) -> None:
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
         self.config = config
         self.clock = clock
-        self.node_id: UUID = config.node_id or uuid4()
+        #: The other workers of this host, when the node is one of them (meshd.workers): they share
+        #: its listeners, and its mesh links with them over Unix sockets.
+        self.siblings = siblings
+        self.node_id: UUID = siblings.node_id if siblings is not None else config.node_id or uuid4()
         #: Each ``ssl:`` listener's configuration key, endpoint and TLS (its files are read again on reload).
         self._listener_tls: list = []
         #: Counts the nodes with subscribers per channel, once an extension asks (on_channel_occupied).
@@ -89,8 +97,8 @@ class Application(MultiService):
         self.incarnation = random.getrandbits(63) + 1
         #: The recent events of the channels that keep history (``[[channels]]``), if any does.
         self.history = self._make_history(config)
-        #: The mesh service, when the configuration has a ``[mesh]`` section.
-        self.mesh = self._make_mesh(config.mesh) if config.mesh is not None else None
+        #: The mesh service, when the configuration has a ``[mesh]`` section or the node is a worker.
+        self.mesh = self._make_mesh(config.mesh) if config.mesh is not None or siblings is not None else None
         router = self.mesh if self.mesh is not None else NullRouter(self.incarnation)
         self.state = NodeState(self.node_id, self.registry, self.delivery, router, self.metrics, self.history)
         #: Who is subscribed to the channels with presence (``[[channels]]``), if any has it.
@@ -143,7 +151,7 @@ class Application(MultiService):
 
         description, factory, tls = listener(endpoint, self.factory)  # ssl: with AEAD suites only
         self._reload_tls("websocket.listen", endpoint, tls)
-        service = Listening(description, factory)
+        service = Listening(description, factory, shared=self.siblings is not None)
         service.setName(f"websocket:{endpoint}")
         service.setServiceParent(self)
         self.log.info("WebSocket clients on {endpoint}", endpoint=endpoint)
@@ -163,7 +171,7 @@ class Application(MultiService):
 
         description, factory, tls = listener(endpoint, WebSite(self, demo))
         self._reload_tls("web.listen", endpoint, tls)
-        service = Listening(description, factory)
+        service = Listening(description, factory, shared=self.siblings is not None)
         service.setName(f"web:{endpoint}")
         service.setServiceParent(self)
 
@@ -206,7 +214,7 @@ class Application(MultiService):
                 site.api.keys = TokenAuthenticator(config.api.keys)
 
         self.on_reload(reload_keys)
-        service = strports.service(description, factory)
+        service = Listening(description, factory, shared=self.siblings is not None)
         service.setName(f"api:{endpoint}")
         service.setServiceParent(self)
         self.log.info("Server HTTP API on {endpoint}", endpoint=endpoint)
@@ -242,14 +250,20 @@ class Application(MultiService):
             self.mesh.departure_observers.append(presence.departed)
         return presence
 
-    def _make_mesh(self, settings):
-        """The service that links this node with the others of its cluster (``[mesh]``)."""
+    def _make_mesh(self, settings: "Optional[MeshSettings]"):
+        """The service that links this node with the others of its cluster (``[mesh]``), and with the
+        other workers of its host; without ``[mesh]``, with those only."""
         from meshd.mesh.service import Mesh
         from meshd.mesh.tls import Credentials
 
+        credentials = None
+        if settings is not None:
+            credentials = CurrentCredentials(Credentials.load(settings.ca, settings.cert, settings.key))
+        else:
+            settings = MeshSettings(cluster="", listen="", advertise="", ca=Path(), cert=Path(), key=Path())
         mesh = Mesh(
             settings,
-            CurrentCredentials(Credentials.load(settings.ca, settings.cert, settings.key)),
+            credentials,
             node_id=self.node_id,
             clock=self.clock,
             metrics=self.metrics,
@@ -260,6 +274,7 @@ class Application(MultiService):
             node_name=self.config.node_name,
             history=self.history,
             incarnation=self.incarnation,
+            siblings=self.siblings,
         )
         mesh.setServiceParent(self)
         return mesh

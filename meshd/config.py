@@ -31,6 +31,8 @@ else:  # pragma: no cover
 DEFAULT_LISTEN = "tcp:8765:interface=127.0.0.1"
 #: Where `--demo` (or `[web] demo = true` without `[web] listen`) serves the demo page.
 DEFAULT_WEB_LISTEN = "tcp:8766:interface=127.0.0.1"
+#: A host runs at most this many workers (``[node] workers``).
+MAX_WORKERS = 256
 #: The browser origins a node in development mode accepts unless ``allowed_origins`` is set: pages
 #: served from this machine (Autobahn matches ``scheme://host:port``, an IPv6 host without brackets).
 LOOPBACK_ORIGINS = (
@@ -131,6 +133,8 @@ class Config:
     node_name: str = ""
     #: How long a stop spreads the closing of sessions over, in seconds (0: all at once).
     drain_seconds: float = 10.0
+    #: How many worker processes serve this node's clients, sharing its listeners (1: the node's own process).
+    workers: int = 1
     # [websocket]
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     max_message_size: int = 65536
@@ -262,6 +266,23 @@ def _texts(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def workers_value(v: Any) -> int:
+    """A number of worker processes, or ``"auto"``: one per core this process may run on."""
+    if v == "auto":
+        return auto_workers()
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WORKERS:
+        raise ValueError(f'must be an integer from 1 to {MAX_WORKERS}, or "auto"; got {v!r}')
+    return v
+
+
+def auto_workers() -> int:
+    """One worker per core this process may run on (its CPU affinity), at most :data:`MAX_WORKERS`."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_WORKERS))
+
+
 def _uuid(v: Any) -> UUID:
     try:
         return UUID(_text(v))
@@ -302,7 +323,8 @@ def _tokens(v: Any) -> dict[str, str]:
 
 # (section, key) -> (Config attribute, checker)
 _KEYS: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
-    "node": {"id": ("node_id", _uuid), "name": ("node_name", _text), "drain_seconds": ("drain_seconds", _seconds)},
+    "node": {"id": ("node_id", _uuid), "name": ("node_name", _text), "drain_seconds": ("drain_seconds", _seconds),
+             "workers": ("workers", workers_value)},
     "websocket": {
         "listen": ("listen", _endpoints),
         "max_message_size": ("max_message_size", _int(256)),
@@ -621,7 +643,7 @@ def _api(body: Any, path: Path) -> ApiSettings:
 
 def _advertised(listen: str) -> Optional[str]:
     """``HOST:PORT`` from a ``tcp:PORT:interface=HOST`` endpoint with a specific interface."""
-    parts = _split_endpoint(listen)
+    parts = split_endpoint(listen)
     if parts[0].lower() not in ("tcp", "tcp6") or len(parts) < 2:
         return None
     options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
@@ -635,7 +657,7 @@ def _advertised(listen: str) -> Optional[str]:
 # -- endpoints ------------------------------------------------------------------
 
 
-def _split_endpoint(description: str) -> list[str]:
+def split_endpoint(description: str) -> list[str]:
     """Split an endpoint string on unescaped colons, as Twisted does."""
     return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
 
@@ -655,7 +677,7 @@ def check_endpoint(description: str) -> None:
 
 def is_loopback(description: str) -> bool:
     """Whether a server endpoint string listens on loopback (or a UNIX socket) only."""
-    parts = _split_endpoint(description)
+    parts = split_endpoint(description)
     kind = parts[0].lower()
     if kind == "unix":
         return True

@@ -75,6 +75,8 @@ class Options(usage.Options):
         ["advertise", None, None, "HOST:PORT other nodes dial (overrides [mesh] advertise)."],
         ["log-format", None, "text", "How twistd writes log events: text (Twisted's lines) or json (one object a line)."],
         ["log-level", None, "info", "Lowest level of log events written: debug, info, warn, error or critical."],
+        ["workers", None, None, 'Worker processes sharing the listeners: a number, or "auto" for one per core ([node] workers).'],
+        ["worker", None, None, "DIRECTORY:INDEX: run as that worker of a host (its supervisor gives it; not for use by hand)."],
     ]
 
     def __init__(self) -> None:
@@ -82,6 +84,11 @@ class Options(usage.Options):
         self["listen"] = []
         self["modules"] = []
         self["seeds"] = []
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        #: The arguments as given: a host's supervisor gives them to its workers (meshd.workers).
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_version(self) -> None:
         """Display meshd's version and exit."""
@@ -165,6 +172,22 @@ class Options(usage.Options):
                 split_address(address)
             except ValueError as e:
                 problems.append(f"--seed: {e}")
+        workers = None
+        if self["workers"] is not None:
+            from meshd.config import workers_value
+
+            value = self["workers"]
+            try:
+                workers = workers_value(value if value == "auto" else int(value))
+            except ValueError as e:
+                problems.append(f"--workers: {e}")
+        if self["worker"] is not None:
+            from meshd.workers import worker_place
+
+            try:
+                worker_place(self["worker"])
+            except ValueError as e:
+                problems.append(f"--worker: {e}")
         if problems:
             return config, problems
         file_modules = config.modules
@@ -177,6 +200,7 @@ class Options(usage.Options):
             metrics_listen=self["metrics"],
             web_listen=self["web"],
             demo=True if self["demo"] else None,
+            workers=workers,
         )
         mesh_flags = dict(listen=self["mesh-listen"], advertise=self["advertise"], seeds=tuple(self["seeds"]) or None)
         if any(v is not None for v in mesh_flags.values()):
@@ -411,7 +435,13 @@ def makeService(options: Options) -> "Application":
     from meshd.logs import NodeFields
 
     config: Config = options["config_object"]
-    app = Application(config)
+    if options["worker"] is None and config.workers > 1:
+        return _supervisor(options, config)
+    reconfigure = options.configure
+    siblings = None
+    if options["worker"] is not None:
+        config, siblings, reconfigure = _worker(options, config)
+    app = Application(config, siblings=siblings)
     # twistd runs one node per process: its log events, and its start, are the process's.
     uninstall_process_hooks()
     _hooks["fields"] = NodeFields(app.node_id, config.node_name).install()
@@ -432,10 +462,47 @@ def makeService(options: Options) -> "Application":
         app.serve_web(config.web_endpoint, config.demo)
     if config.source is not None:
         # A reload reads the file again with the same flags, and checks it as start-up would.
-        app.reconfigure = options.configure
+        app.reconfigure = reconfigure
         ReloadOnHangup(app).setServiceParent(app)
     _catch_startup_failures(config)
     return app
+
+
+def _supervisor(options: Options, config: Config):
+    """The service of a host running ``workers`` processes (meshd.workers): it serves no client itself."""
+    from uuid import uuid4
+
+    from meshd.logs import NodeFields
+    from meshd.workers import Supervisor
+
+    host = config.node_id or uuid4()
+    supervisor = Supervisor(config, options.argv, host)
+    uninstall_process_hooks()
+    _hooks["fields"] = NodeFields(host, config.node_name).install()
+    if config.source is not None:
+        ReloadOnHangup(supervisor).setServiceParent(supervisor)
+    _catch_startup_failures(config)
+    return supervisor
+
+
+def _worker(options: Options, config: Config):
+    """A worker's configuration, its siblings, and how it reads its configuration again (from its plan)."""
+    from twisted.internet import reactor
+
+    from meshd.workers import Plan, WorkerSignals, worker_place
+
+    directory, index = worker_place(options["worker"])
+    try:
+        plan = Plan.read(directory)
+    except (OSError, ValueError, TypeError) as e:
+        raise Refused([f"--worker: cannot read the plan of the host's workers in {directory}: {e}"])
+
+    def reconfigure() -> tuple[Config, list[str]]:
+        again, problems = options.configure()
+        return plan.adapt(again, directory, index), problems
+
+    WorkerSignals(reactor)
+    return plan.adapt(config, directory, index), plan.siblings(directory, index), reconfigure
 
 
 def _failed_at(error: BaseException) -> str:

@@ -21,14 +21,12 @@ from twisted.internet.ssl import AcceptableCiphers, Certificate, CertificateOpti
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from meshd.config import split_endpoint
+
 #: The TLS 1.2 suites meshd accepts, on client listeners and mesh links.
 AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
-
-
-def _split(description: str) -> list[str]:
-    return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
 
 
 def _read(path: str) -> bytes:
@@ -73,7 +71,7 @@ class ServerTLS:
 def listener(description: str, factory) -> "tuple[str, Any, Optional[ServerTLS]]":
     """The endpoint description and factory that serve ``description`` (see the module), and the
     listener's :class:`ServerTLS` (None for other than ``ssl:``)."""
-    parts = _split(description)
+    parts = split_endpoint(description)
     if parts[0].lower() != "ssl":
         return description, factory, None
     options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)

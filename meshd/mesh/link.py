@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol as TypingProtocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -233,6 +234,12 @@ class Link(Protocol):
     def state(self) -> str:
         """The name of the machine's state (see the module)."""
         return self._state
+
+    @property
+    def local(self) -> bool:
+        """Whether the link runs over a Unix socket: with a worker of this host (see meshd.mesh.local)."""
+        transport = self.transport
+        return transport is not None and isinstance(transport.getHost(), UNIXAddress)
 
     @property
     def is_open(self) -> bool:

@@ -39,7 +39,7 @@ from uuid import UUID
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +50,7 @@ from meshd.config import MeshSettings, split_address
 from meshd.listening import listen_now
 from meshd.mesh.framing import HEADER, FrameTooLarge, check_size
 from meshd.mesh.link import DialEndpoint, Link, LinkFactory, Violation, opening
+from meshd.mesh.local import Siblings, certifies
 from meshd.mesh.outbox import Outbox
 from meshd.mesh.queries import QUERY_FEATURE, Answerer, Queries, Results
 from meshd.mesh.tls import Credentials, node_id_of, peer_certificate
@@ -130,7 +131,7 @@ class Mesh(MultiService):
     def __init__(
         self,
         settings: MeshSettings,
-        credentials: Credentials,
+        credentials: Optional[Credentials],
         *,
         node_id: UUID,
         clock,
@@ -142,11 +143,16 @@ class Mesh(MultiService):
         node_name: str = "",
         history: "Optional[History]" = None,
         incarnation: int = 0,
+        siblings: Optional[Siblings] = None,
     ) -> None:
         super().__init__()
         self.setName("mesh")
+        #: The other workers of this host (meshd.mesh.local), linked over Unix sockets; None: a node of its own.
+        self.siblings = siblings
         # A certificate that names another node (or none, when peers require one) could never link.
-        credentials.check_node(node_id, settings.require_node_id_in_cert)
+        # Without credentials the node links with its host's workers only (no [mesh] section).
+        if credentials is not None:
+            credentials.check_node(siblings.host if siblings else node_id, settings.require_node_id_in_cert)
         self.settings = settings
         self.credentials = credentials
         self.clock = clock  # a reactor: it also listens, resolves and connects
@@ -191,25 +197,37 @@ class Mesh(MultiService):
         #: so that the node keeps its address across a stop and a start.
         self._listen_on = settings.listen
         self._listening = None
-        self._listener_factory = LinkTLSFactory(credentials.server_options(), False, LinkFactory(self, dialed=False))
+        self._local_listening = None
+        self._listener_factory = (
+            LinkTLSFactory(credentials.server_options(), False, LinkFactory(self, dialed=False))
+            if credentials is not None else None
+        )
 
     # -- lifecycle ------------------------------------------------------------------
 
     def startService(self) -> None:
-        self._listen()
+        if self._listener_factory is not None:
+            self._listen()
+        if self.siblings is not None:
+            self._listen_local(self.siblings)
         super().startService()
         self.registry.observe(self._interest_changed)
         for seed in self.settings.seeds:
             self.dial(seed)
+        if self.siblings is not None:
+            for address in self.siblings.dialed().values():
+                self.dial(address)
         self._expiry.start(1.0, now=False)
-        self.log.info(
-            "Mesh {cluster}: node {node} listening on {bound} ({listen}), advertised as {advertise}, seeds {seeds}",
-            cluster=self.settings.cluster, node=self.node_id, bound=_address_of(self._listening),
-            listen=self.settings.listen, advertise=self.advertise, seeds=", ".join(self.settings.seeds) or "none",
-        )
+        if self._listening is not None:
+            self.log.info(
+                "Mesh {cluster}: node {node} listening on {bound} ({listen}), advertised as {advertise}, seeds {seeds}",
+                cluster=self.settings.cluster, node=self.node_id, bound=_address_of(self._listening),
+                listen=self.settings.listen, advertise=self.advertise, seeds=", ".join(self.settings.seeds) or "none",
+            )
 
     def _listen(self) -> None:
         """Listen for links now; a port that cannot be bound stops the start (as ``strports.service`` does)."""
+        assert self._listener_factory is not None
         self._listening = listen_now(self.clock, self._listen_on, self._listener_factory)
         bound = getattr(self._listening.getHost(), "port", None)
         if bound:
@@ -217,6 +235,16 @@ class Mesh(MultiService):
             host, _, port = self.advertise.rpartition(":")
             if port == "0":
                 self.advertise = f"{host}:{bound}"
+
+    def _listen_local(self, siblings: Siblings) -> None:
+        """Listen for the links of this host's other workers, on this worker's Unix socket.
+
+        A socket file left by this worker's previous process is removed first.
+        """
+        from meshd.mesh.local import link_path
+
+        link_path(siblings.directory, siblings.index).unlink(missing_ok=True)
+        self._local_listening = listen_now(self.clock, siblings.listen, LinkFactory(self, dialed=False))
 
     def stopService(self):
         if self.running:  # a MultiService stops its children again, stopped or not
@@ -230,9 +258,10 @@ class Mesh(MultiService):
         for link in list(self.links):
             link.goodbye(GoodbyeCode.Shutdown, "node shutting down")
         stopping = [self.park(address) for address in list(self.dialers)]
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            stopping.append(listening.stopListening())
+        for listening in (self._listening, self._local_listening):
+            if listening is not None:
+                stopping.append(listening.stopListening())
+        self._listening = self._local_listening = None
         stopping.append(super().stopService())
         return gatherResults([d for d in stopping if d is not None])
 
@@ -242,17 +271,24 @@ class Mesh(MultiService):
         """Keep a link dialed to ``address`` (until :meth:`park`), retrying after ``first_retry`` seconds, then more."""
         if address in self.dialers or address == self.advertise:
             return
-        try:
-            host, port = split_address(address)
-        except ValueError as e:
-            self.log.warn("Not dialing {address}: {error}", address=address, error=e)
+        if address.startswith("unix:"):  # a worker of this host: no TLS (see meshd.mesh.local)
+            endpoint = UNIXClientEndpoint(self.clock, address[len("unix:"):], timeout=5)
+        elif self.credentials is None:
+            self.log.warn("Not dialing {address}: this node has no [mesh] section", address=address)
             return
+        else:
+            try:
+                host, port = split_address(address)
+            except ValueError as e:
+                self.log.warn("Not dialing {address}: {error}", address=address, error=e)
+                return
+            tcp = HostnameEndpoint(self.clock, host, port, timeout=5)
+            endpoint = link_tls_endpoint(self.credentials.client_options(host), tcp)
         # A connection counts once its link opened (``opening``): one that
         # fails before (TLS refused, wrong cluster...) is a failed attempt and
         # backs off.
-        tcp = HostnameEndpoint(self.clock, host, port, timeout=5)
         service = ClientService(
-            DialEndpoint(link_tls_endpoint(self.credentials.client_options(host), tcp)),
+            DialEndpoint(endpoint),
             LinkFactory(self, dialed=True, address=address),
             retryPolicy=backoffPolicy(initialDelay=first_retry, maxDelay=self.settings.reconnect_max_delay),
             clock=self.clock,
@@ -342,7 +378,15 @@ class Mesh(MultiService):
         return None
 
     def _check_identity(self, link: Link, node: UUID) -> Optional[str]:
-        """Why a link claiming to be ``node`` is refused given its peer's certificate, or None."""
+        """Why a link claiming to be ``node`` is refused given its peer's certificate, or None.
+
+        A link over a Unix socket comes from a worker of this host (only the
+        node's user can reach the socket): it must claim a sibling's id.
+        """
+        if link.local:
+            if self.siblings is None or node not in self.siblings.ids:
+                return f"a local link from node {node}, which is not a worker of this host"
+            return None
         try:
             cert = peer_certificate(link.transport)
             named = node_id_of(cert) if cert is not None else None
@@ -352,7 +396,7 @@ class Mesh(MultiService):
             if self.settings.require_node_id_in_cert:
                 return "the peer's certificate names no node id (see mesh.require_node_id_in_cert)"
             return None
-        if named != node:
+        if not certifies(named, node):
             return f"LinkHello from node {node}, but the peer's certificate is node {named}'s"
         return None
 
@@ -504,8 +548,8 @@ class Mesh(MultiService):
         else:
             self.log.warn("Lost the link with node {node} at {address}: {reason}", node=peer.node,
                           address=peer.address, reason=_describe(reason))
-        if peer.address and self.running:
-            self.dial(peer.address)
+        if self.running:
+            self._redial(peer)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -570,8 +614,8 @@ class Mesh(MultiService):
                 unknown += 1
                 learned += 1
                 self.log.info("Learned of node {node} at {address}", node=p.node, address=p.address)
-            elif known.linked and known.link is None and known.address and self.running:
-                self.dial(known.address)
+            elif known.linked and known.link is None and self.running:
+                self._redial(known)
         if ignored:
             self.log.warn("Ignoring {count} more nodes told of: {known} nodes never linked are known already",
                           count=ignored, known=unknown)
@@ -611,7 +655,7 @@ class Mesh(MultiService):
         dialing: list[PeerState] = []
         waiting: list[PeerState] = []
         for p in self.peers.values():
-            if p.linked or not p.address:
+            if p.linked or not p.address or self._sibling(p.node):
                 continue
             (dialing if p.dial_started is not None else waiting).append(p)
         if not waiting:
@@ -627,6 +671,22 @@ class Mesh(MultiService):
         for p in waiting[: max(0, MAX_UNKNOWN_DIALS - busy)]:
             p.dial_started = now
             self.dial(p.address, first_retry=1.0)
+
+    def _sibling(self, node: UUID) -> bool:
+        """Whether ``node`` is a worker of this host: linked over its Unix socket, never dialed elsewhere."""
+        return self.siblings is not None and node in self.siblings.ids
+
+    def _redial(self, peer: PeerState) -> None:
+        """Dial a node that linked with this one again: at its address, or a sibling at its socket.
+
+        Of two siblings, the higher-indexed one dials (the other waits).
+        """
+        if self.siblings is not None and peer.node in self.siblings.ids:
+            address = self.siblings.dialed().get(peer.node)
+            if address is not None:
+                self.dial(address)
+        elif peer.address:
+            self.dial(peer.address)
 
     def _park_unless_shared(self, address: Optional[str]) -> None:
         """Park ``address`` unless a node that linked with this one is dialed there too.
