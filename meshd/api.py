@@ -521,7 +521,11 @@ def node_info(app: "Application", started: float) -> dict:
         "members": len(registry.members),
         "channels": len(registry.channels),
         "mesh": None,
+        "worker": None,
     }
+    siblings = app.siblings
+    if siblings is not None:
+        answer["worker"] = {"index": siblings.index, "count": siblings.count, "host": str(siblings.host)}
     mesh = app.mesh
     if mesh is not None:
         answer["mesh"] = {
@@ -762,7 +766,7 @@ OPENAPI: dict = {
             },
             "Info": {
                 "type": "object", "additionalProperties": False,
-                "required": ["node", "sessions", "members", "channels", "mesh"],
+                "required": ["node", "sessions", "members", "channels", "mesh", "worker"],
                 "properties": {
                     "node": {
                         "type": "object", "required": ["id", "name", "version", "uptime"],
@@ -771,6 +775,10 @@ OPENAPI: dict = {
                                        "uptime": {"type": "number", "minimum": 0}},
                     },
                     "sessions": _COUNT, "members": _COUNT, "channels": _COUNT,
+                    "worker": {"oneOf": [{"type": "null"}, {
+                        "type": "object", "required": ["index", "count", "host"], "additionalProperties": False,
+                        "properties": {"index": _COUNT, "count": _COUNT, "host": _UUID},
+                    }]},
                     "mesh": {"oneOf": [{"type": "null"}, {
                         "type": "object", "required": ["cluster", "advertise", "peers", "links"],
                         "additionalProperties": False,

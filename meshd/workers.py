@@ -415,10 +415,10 @@ class Supervisor(MultiService):
 
             serve_host_metrics(self, self.config.metrics_listen)
         super().startService()
-        self.log.info(
-            "meshd host {host}: {count} workers sharing {listen}", host=self.host, count=self.count,
-            listen=", ".join(plan.listen),
-        )
+        shared = [f"WebSocket {e}" for e in plan.listen]
+        shared += [f"{what} {e}" for what, e in (("web", plan.web_listen), ("API", plan.api_listen)) if e]
+        self.log.info("meshd host {host}: {count} workers sharing {shared}", host=self.host, count=self.count,
+                      shared=", ".join(shared))
         for worker in self.workers:
             worker.start()
 

@@ -82,7 +82,9 @@ class WorkerProcessTests(unittest.TestCase):
         return clients
 
     async def test_workers_share_one_port_and_a_publish_reaches_every_worker(self) -> None:
-        node = self.host()
+        api = '[api]\nlisten = "tcp:0:interface=127.0.0.1"\nkeys = { test = "secret-key-of-the-test" }\n'
+        node = self.host("--config", self.config_file(extra=api))
+        api_port = int(re.search(r"workers sharing .*API tcp:(\d+):", node.output()).group(1))
         subscribers = await self.clients(node, 16)
         # The kernel spreads connections over the workers by a hash of their addresses.
         served_by = {c.node_id for c in subscribers}
@@ -100,6 +102,20 @@ class WorkerProcessTests(unittest.TestCase):
             await sleep(0.05)
         for c in subscribers:
             self.assertEqual(payloads(c.received), [b"%d" % i for i in range(10)], f"served by {c.node_id}")
+        # The API port is shared too: whichever worker answers says which it is, and publishes to all.
+        workers = set()
+        for _ in range(8):
+            info = api_call(api_port, "/api/info")
+            self.assertEqual(info["worker"]["count"], 2)
+            self.assertEqual(info["worker"]["host"], node_host(node))
+            workers.add(info["worker"]["index"])
+        self.assertLessEqual(workers, {0, 1})
+        api_call(api_port, "/api/publish", {"channel": "room", "data": "from the api"})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(len(c.received) == 11 for c in subscribers):
+            await sleep(0.05)
+        for c in subscribers:
+            self.assertEqual(payloads(c.received)[-1], b"from the api")
 
     async def test_a_killed_worker_is_restarted_and_its_clients_reconnect(self) -> None:
         node = self.host()
@@ -197,11 +213,18 @@ class WorkerProcessTests(unittest.TestCase):
         for c in subscribers + far:
             self.assertEqual(payloads(c.received), [b"from the other host"])
 
-    def config_file(self, **node: object) -> str:
+    def config_file(self, extra: str = "", **node: object) -> str:
         path = Path(self.mktemp()).with_suffix(".toml")
         keys = "\n".join(f"{k} = {json.dumps(v)}" for k, v in node.items())
-        path.write_text(f"[node]\n{keys}\n[websocket]\nlisten = [\"tcp:0:interface=127.0.0.1\"]\n{RULES}")
+        path.write_text(f"[node]\n{keys}\n[websocket]\nlisten = [\"tcp:0:interface=127.0.0.1\"]\n{RULES}{extra}")
         return str(path.resolve())
+
+
+def api_call(port: int, path: str, body: "dict | None" = None) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={
+        "Authorization": "Bearer secret-key-of-the-test"}, data=json.dumps(body).encode() if body else None)
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return json.loads(r.read())
 
 
 def node_host(node: NodeProcess) -> str:
