@@ -1,6 +1,6 @@
 """A full mesh of N meshd nodes in one process, over real TLS links on loopback.
 
-    python bench/meshsim.py [--nodes 16 32 [64]] [--messages 200] [--window 1] [--churn 12] [--out FILE.json]
+    python bench/meshsim.py [--nodes 16 32 [64]] [--messages 200] [--window 1] [--churn 12] [--kill] [--out FILE.json]
 
 Each node is a ``meshd.app.Application`` with a ``[mesh]`` section and its
 own certificate (one cluster CA); node i's only seed is node 0, so the mesh
@@ -28,6 +28,9 @@ here) it measures:
   and started again as a new incarnation with the same id and address
   every ``--churn-interval`` seconds; the subscribers on the nodes that
   stayed up must get every message of each origin exactly once, in order.
+  With ``--kill`` a node goes as a killed process would: its listeners
+  closed and every connection reset, without a Goodbye, so that its peers
+  find out from the reset and drop what they queued for it.
 
 Every phase has a timeout; a phase that runs out is reported as such and the
 run goes on to the next one, and the whole child is killed past
@@ -162,9 +165,22 @@ class Sim:
 
         mesh.interest_received = counted  # an instance attribute: Link._dispatch calls mesh.interest_received
 
-    async def stop_node(self, i: int) -> None:
+    async def stop_node(self, i: int, kill: bool = False) -> None:
+        """Stop node i; ``kill``: as a killed process would, its connections reset first, no Goodbye said."""
         app, port = self.apps[i], self.ws_ports[i]
         self.apps[i] = self.ws_ports[i] = None
+        if kill and app is not None:
+            # A killed process's listeners go with it: peers redialing meanwhile must find nothing there.
+            # (The bench reaches into the mesh for it; a node has no way to stop without saying Goodbye.)
+            app.mesh._listening.stopListening()
+            if port is not None:
+                await port.stopListening()
+                port = None
+            for link in list(app.mesh.links):
+                link.transport.abortConnection()
+            for session in list(app.registry.sessions.values()):
+                session.protocol.transport.abortConnection()
+            await sleep(self.reactor, 0.05)  # the resets go out before anything else could
         if port is not None:
             await port.stopListening()
         if app is not None and app.running:
@@ -473,7 +489,7 @@ async def churn(reactor, sim: Sim, n: int, args, fails: list) -> dict:
         t = time.monotonic()
         lost0 = sim.logs.count("Lost the link")
         shut0 = sim.logs.count("Node {node} is shutting down")
-        await sim.stop_node(v)
+        await sim.stop_node(v, kill=args.kill)
         await sleep(reactor, args.churn_interval / 2)
         lost1 = sim.logs.count("Lost the link")
         shut1 = sim.logs.count("Node {node} is shutting down")
@@ -520,7 +536,7 @@ async def churn(reactor, sim: Sim, n: int, args, fails: list) -> dict:
         c.abort()
     sim.clients = []
     return {
-        "seconds": args.churn, "restarts": len(restarts), "published": dict(total),
+        "seconds": args.churn, "killed": args.kill, "restarts": len(restarts), "published": dict(total),
         "stayed": len(stayed), "settled": settle is not None, "pairs_bad": len(bad),
         "missing": missing, "duplicates": dups, "out_of_order": disorder,
         "rejoined_subscribers_bad": rejoined_bad,
@@ -574,6 +590,7 @@ def table(r: dict) -> str:
     c = r.get("churn")
     if c:
         row(f"churn: restarts in {c['seconds']:.0f}s", f"{c['restarts']}")
+        row("churn: how a node goes", "killed (connections reset, no Goodbye)" if c.get("killed") else "stopped")
         row("churn: published (n0, n1)", f"{c['published'].get(0, c['published'].get('0'))}, "
             f"{c['published'].get(1, c['published'].get('1'))}")
         row("churn: stayed-up subscribers × origins not exactly once in order", f"{c['pairs_bad']}")
@@ -611,6 +628,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--churn", type=float, default=12.0, help="seconds of churn (0: none)")
     p.add_argument("--churn-interval", type=float, default=3.0, help="a node stopped and started every this")
     p.add_argument("--churn-pause", type=float, default=0.005, help="pause between a publisher's publishes")
+    p.add_argument("--kill", action="store_true",
+                   help="churn kills nodes (every connection reset, no Goodbye) instead of stopping them")
     p.add_argument("--formation-timeout", type=float, default=60.0, help="plus one second per node")
     p.add_argument("--phase-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat-timeout", type=float, default=0.0, help="mesh.heartbeat_timeout (0: default, 5)")
