@@ -309,9 +309,11 @@ class Mesh(MultiService):
         if service is None:
             return None
         for link in list(self.links):
-            if link.dialed and link.address == address and link.is_open:
+            if link.dialed and link.address == address and (link.is_open or link.hello_sent):
                 # The service's own loseConnection would wait on the link's
                 # producer forever: TLS shuts down once none is registered.
+                # A link whose LinkHello went out may be open at the other end
+                # already: it hears why it closes, rather than a reset.
                 link.goodbye(GoodbyeCode.Duplicate, "this node stopped dialing it")
         return service.disownServiceParent()
 
@@ -542,6 +544,9 @@ class Mesh(MultiService):
                           address=peer.address)
         elif farewell is not None and farewell.code == GoodbyeCode.Shutdown:
             self.log.info("Node {node} is shutting down", node=peer.node)
+        elif farewell is not None and farewell.code == GoodbyeCode.Duplicate:
+            self.log.info("Node {node} at {address} closed a link it keeps another of: {reason}", node=peer.node,
+                          address=peer.address, reason=farewell.reason)
         elif farewell is not None:
             self.log.warn("Node {node} at {address} closed the link: {reason}", node=peer.node,
                           address=peer.address, reason=farewell.reason)
