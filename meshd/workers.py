@@ -54,6 +54,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
@@ -361,6 +362,7 @@ def relay(line: bytes, worker: int) -> None:
     if event.get("log_level") not in _LEVELS:
         event["log_level"] = LogLevel.info
     event["log_format"] = "{log_text}"
+    event.setdefault("log_time", time.time())  # observers count on it
     event["worker"] = worker
     globalLogPublisher(event)
 

@@ -176,3 +176,211 @@ class LocalLinkTests(MeshTestCase):
         stranger = await self.start_worker(Siblings(uuid4(), 1, 2, directory))  # another host's worker 1
         await self.wait_for(lambda: stranger.app.metrics.mesh_refusals > 0, "the refusal")
         self.assertEqual(stranger.links(), 0)
+
+
+# -- the supervisor's parts, without processes ------------------------------------------
+
+from twisted.internet.error import ProcessDone, ProcessTerminated  # noqa: E402
+from twisted.internet.testing import MemoryReactorClock  # noqa: E402
+from twisted.logger import LogLevel, globalLogPublisher  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+
+from meshd.config import MeshSettings, ApiSettings  # noqa: E402
+from meshd.workers import (  # noqa: E402
+    RESTART_DELAY,
+    RESTART_MAX_DELAY,
+    RESTART_THRESHOLD,
+    Plan,
+    WorkerProcess,
+    offset_port,
+    relay,
+    with_port,
+    without_option,
+)
+
+
+class _Process:
+    """What spawnProcess returns: a pid, and the signals sent to it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """A memory reactor that records the processes it is asked to spawn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[object, list[str], _Process]] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, uid=None, gid=None,
+                     usePTY=False, childFDs=None):
+        process = _Process(1000 + len(self.spawned))
+        self.spawned.append((protocol, args, process))
+        return process
+
+
+def _died(signal_name: str = "KILL") -> Failure:
+    return Failure(ProcessTerminated(signal={"KILL": 9, "TERM": 15}[signal_name]))
+
+
+class WorkerLifecycleTests(unittest.TestCase):
+    def worker(self, kill_after: float = 25.0) -> tuple[WorkerProcess, ProcessReactor]:
+        reactor = ProcessReactor()
+        return WorkerProcess(0, ["python", "-c", "pass"], {}, reactor, kill_after), reactor
+
+    def end(self, reactor: ProcessReactor, reason: Failure) -> None:
+        protocol = reactor.spawned[-1][0]
+        protocol.processEnded(reason)
+
+    def test_a_worker_that_ran_long_is_restarted_at_once(self) -> None:
+        worker, reactor = self.worker()
+        worker.start()
+        self.assertEqual((worker.state, len(reactor.spawned)), ("running", 1))
+        reactor.advance(RESTART_THRESHOLD + 1)
+        self.end(reactor, _died())
+        self.assertEqual(worker.state, "waiting")
+        reactor.advance(0)
+        self.assertEqual((worker.state, len(reactor.spawned), worker.starts), ("running", 2, 2))
+
+    def test_a_worker_that_dies_young_is_restarted_later_and_later(self) -> None:
+        worker, reactor = self.worker()
+        worker.start()
+        delays = []
+        for _ in range(8):
+            self.end(reactor, _died())
+            before = len(reactor.spawned)
+            waited = 0.0
+            while len(reactor.spawned) == before:
+                reactor.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+        self.assertEqual(delays[:4], [RESTART_DELAY, RESTART_DELAY * 2, RESTART_DELAY * 4, RESTART_DELAY * 8])
+        self.assertEqual(max(delays), RESTART_MAX_DELAY)
+        # A run past the threshold resets the delay.
+        reactor.advance(RESTART_THRESHOLD)
+        self.end(reactor, _died())
+        reactor.advance(0)
+        self.assertEqual(worker.state, "running")
+
+    def test_stop_sends_term_then_kill_and_fires_once_it_ended(self) -> None:
+        worker, reactor = self.worker(kill_after=20)
+        worker.start()
+        process = reactor.spawned[-1][2]
+        stopped = worker.stop()
+        self.assertEqual((worker.state, process.signals), ("stopping", ["TERM"]))
+        self.assertNoResult(stopped)
+        reactor.advance(20)
+        self.assertEqual(process.signals, ["TERM", "KILL"])
+        self.end(reactor, _died("KILL"))
+        self.successResultOf(stopped)
+        self.assertEqual(worker.state, "stopped")
+        reactor.advance(100)
+        self.assertEqual(len(reactor.spawned), 1, "a stopped worker is not restarted")
+
+    def test_a_worker_that_stops_in_time_is_not_killed(self) -> None:
+        worker, reactor = self.worker(kill_after=20)
+        worker.start()
+        process = reactor.spawned[-1][2]
+        stopped = worker.stop()
+        self.end(reactor, Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        reactor.advance(30)
+        self.assertEqual(process.signals, ["TERM"])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_stop_while_waiting_to_restart_cancels_the_restart(self) -> None:
+        worker, reactor = self.worker()
+        worker.start()
+        self.end(reactor, _died())
+        self.assertEqual(worker.state, "waiting")
+        self.successResultOf(worker.stop())
+        self.assertEqual(worker.state, "stopped")
+        reactor.advance(100)
+        self.assertEqual(len(reactor.spawned), 1)
+
+    def test_a_second_stop_waits_for_the_first(self) -> None:
+        worker, reactor = self.worker()
+        worker.start()
+        first, second = worker.stop(), worker.stop()
+        self.assertEqual(reactor.spawned[-1][2].signals, ["TERM"])
+        self.end(reactor, Failure(ProcessDone(0)))
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+
+class PlanTests(unittest.TestCase):
+    def test_ports_and_endpoints(self) -> None:
+        self.assertEqual(offset_port("tcp:7946:interface=127.0.0.1", 2), "tcp:7948:interface=127.0.0.1")
+        self.assertEqual(offset_port("tcp:port=7946:interface=\\:\\:1", 1), "tcp:port=7947:interface=\\:\\:1")
+        self.assertEqual(offset_port("tcp:0:interface=127.0.0.1", 3), "tcp:0:interface=127.0.0.1")
+        self.assertEqual(offset_port("10.0.0.1:7946", 2), "10.0.0.1:7948")
+        self.assertEqual(offset_port("[::1]:7946", 1), "[::1]:7947")
+        self.assertEqual(offset_port("10.0.0.1:0", 1), "10.0.0.1:0")
+        self.assertEqual(with_port("tcp:0:interface=127.0.0.1", 8765), "tcp:8765:interface=127.0.0.1")
+        self.assertEqual(with_port("ssl:port=0:privateKey=/k\\:x.pem:interface=127.0.0.1", 443),
+                         "ssl:443:privateKey=/k\\:x.pem:interface=127.0.0.1")
+
+    def test_without_option(self) -> None:
+        self.assertEqual(without_option(["--log-format", "json", "--x", "--log-format=text", "a"], "--log-format"),
+                         ["--x", "a"])
+
+    def test_a_workers_configuration(self) -> None:
+        directory = Path("/run/meshd/w")
+        mesh = MeshSettings(cluster="c", listen="tcp:7946:interface=10.0.0.1", advertise="10.0.0.1:7946",
+                            ca=Path("ca"), cert=Path("c"), key=Path("k"), seeds=("10.0.0.2:7946",))
+        config = Config(node_name="edge", listen=("tcp:0:interface=0.0.0.0",), metrics_listen="tcp:9100",
+                        mesh=mesh, api=ApiSettings(listen="tcp:0", keys={"a": "b" * 32}), workers=4)
+        plan = Plan(host=str(uuid4()), count=4, listen=("tcp:8765:interface=0.0.0.0",), api_listen="tcp:8780")
+        adapted = plan.adapt(config, directory, 2)
+        self.assertEqual(adapted.listen, ("tcp:8765:interface=0.0.0.0",))
+        self.assertEqual(adapted.api.listen, "tcp:8780")
+        self.assertEqual((adapted.mesh.listen, adapted.mesh.advertise), ("tcp:7948:interface=10.0.0.1", "10.0.0.1:7948"))
+        self.assertEqual(adapted.mesh.seeds, ("10.0.0.2:7946",))
+        self.assertEqual(adapted.metrics_listen, "unix:/run/meshd/w/metrics-2.sock:mode=600")
+        self.assertEqual((adapted.node_name, adapted.workers), ("edge/2", 1))
+        siblings = plan.siblings(directory, 2)
+        self.assertEqual((siblings.index, siblings.count, str(siblings.host)), (2, 4, plan.host))
+
+    def test_the_plan_is_read_back_as_written(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        plan = Plan(host=str(uuid4()), count=2, listen=("tcp:1:interface=127.0.0.1",), web_listen="tcp:2")
+        plan.write(directory)
+        self.assertEqual(Plan.read(directory), plan)
+
+
+class RelayTests(unittest.TestCase):
+    def relayed(self, line: bytes) -> list[dict]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relay(line, 3)
+        return events
+
+    def test_a_workers_event_is_logged_with_its_level_text_and_worker(self) -> None:
+        from twisted.logger import formatEvent
+
+        from meshd.logs import _json_line
+
+        line = _json_line({"log_level": LogLevel.warn, "log_format": "odd {thing}", "thing": "x",
+                           "log_namespace": "meshd.app", "node_id": "n1"}).encode()
+        [event] = self.relayed(line.rstrip(b"\n"))
+        self.assertEqual((event["log_level"], event["worker"], event["node_id"]), (LogLevel.warn, 3, "n1"))
+        self.assertEqual(formatEvent(event), "odd x")
+
+    def test_other_output_is_logged_as_text(self) -> None:
+        [event] = self.relayed(b"Traceback (most recent call last):")
+        self.assertEqual(event["worker"], 3)
+        self.assertIn("Traceback", event["line"])
+
+    def test_twistds_own_lines_are_left_out(self) -> None:
+        from meshd.logs import _json_line
+
+        line = _json_line({"log_level": LogLevel.info, "log_format": "twistd starting",
+                           "log_namespace": "twisted.scripts._twistd_unix.UnixAppLogger"}).encode()
+        self.assertEqual(self.relayed(line.rstrip(b"\n")), [])
