@@ -229,7 +229,11 @@ class WorkerProcess:
         self.starts += 1
         self._started_at = self.reactor.seconds()
         protocol = _WorkerOutput(self)
-        self.process = self.reactor.spawnProcess(protocol, self.argv[0], self.argv, env=self.env)
+        try:
+            self.process = self.reactor.spawnProcess(protocol, self.argv[0], self.argv, env=self.env)
+        except OSError:  # it never started: as if it ended at once (Automat runs this input next)
+            self._machine.exited(Failure())
+            return
         self.log.info("Started worker {worker} (pid {pid})", worker=self.index, pid=self.process.pid)
 
     def _ended(self, reason: Failure) -> None:

@@ -313,6 +313,23 @@ class WorkerLifecycleTests(unittest.TestCase):
         self.successResultOf(second)
 
 
+    def test_a_worker_that_cannot_be_spawned_is_tried_again_later(self) -> None:
+        worker, reactor = self.worker()
+        attempts = []
+
+        def refuse(*args, **kwargs):
+            attempts.append(reactor.seconds())
+            raise OSError(2, "No such file or directory")
+
+        reactor.spawnProcess = refuse
+        worker.start()
+        self.assertEqual(worker.state, "waiting")
+        reactor.advance(RESTART_DELAY)
+        reactor.advance(RESTART_DELAY * 2)
+        self.assertEqual(attempts, [0, RESTART_DELAY, RESTART_DELAY * 3])
+        self.successResultOf(worker.stop())
+
+
 class PlanTests(unittest.TestCase):
     def test_ports_and_endpoints(self) -> None:
         self.assertEqual(offset_port("tcp:7946:interface=127.0.0.1", 2), "tcp:7948:interface=127.0.0.1")
