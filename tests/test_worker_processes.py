@@ -213,6 +213,54 @@ class WorkerProcessTests(unittest.TestCase):
         for c in subscribers + far:
             self.assertEqual(payloads(c.received), [b"from the other host"])
 
+    async def test_the_command_of_the_scaling_doc(self) -> None:
+        """docs/scaling.md's command, as written: two workers on the default port, one publish reaching both."""
+        import subprocess
+
+        from .support import BIN, ROOT, env
+
+        doc = (ROOT / "docs" / "scaling.md").read_text()
+        command = re.search(r"```sh\n(.+?)\n```", doc[doc.index("## Workers"):], re.S).group(1)
+        self.assertEqual(command, "twistd -n meshd --workers 2")
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        argv = command.split()
+        proc = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], cwd=directory, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+            proc.stdout.close()
+
+        self.addCleanup(stop)
+        seen = ""
+        deadline = time.monotonic() + 30
+        while seen.count("MeshServerFactory starting on 8765") < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        self.assertIn("2 workers sharing WebSocket tcp:8765:interface=127.0.0.1", seen)
+        self.assertEqual(seen.count("MeshServerFactory starting on 8765"), 2, seen)
+        await sleep(0.5)  # the workers link
+        clients = []
+        for _ in range(12):
+            client = await connect("ws://127.0.0.1:8765", reactor=reactor)
+            client.received = []
+            client.add_listener(client.received.append)
+            self.addCleanup(close_quietly, client)
+            clients.append(client)
+        self.assertEqual(len({c.node_id for c in clients}), 2)
+        await gatherResults([c.subscribe("hello") for c in clients])
+        await sleep(0.5)
+        await clients[0].publish("hello", b"everywhere")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(c.received for c in clients):
+            await sleep(0.05)
+        self.assertEqual([payloads(c.received) for c in clients], [[b"everywhere"]] * 12)
+
     def config_file(self, extra: str = "", **node: object) -> str:
         path = Path(self.mktemp()).with_suffix(".toml")
         keys = "\n".join(f"{k} = {json.dumps(v)}" for k, v in node.items())
