@@ -180,7 +180,8 @@ class Sim:
                 link.transport.abortConnection()
             for session in list(app.registry.sessions.values()):
                 session.protocol.transport.abortConnection()
-            await sleep(self.reactor, 0.05)  # the resets go out before anything else could
+            # Then the node stops at once, before the losses reach it (it would redial): its links
+            # are aborting, so the Goodbyes of its stop go nowhere.
         if port is not None:
             await port.stopListening()
         if app is not None and app.running:
@@ -679,6 +680,8 @@ def main() -> None:
             for key in ("messages", "window", "churn", "churn_interval", "churn_pause", "formation_timeout",
                         "phase_timeout", "heartbeat_timeout", "heartbeat_interval"):
                 argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            if args.kill:
+                argv.append("--kill")
             t = time.monotonic()
             try:
                 proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=args.size_timeout,
