@@ -472,11 +472,14 @@ def _supervisor(options: Options, config: Config):
     """The service of a host running ``workers`` processes (meshd.workers): it serves no client itself."""
     from uuid import uuid4
 
+    from twisted.internet import reactor
+
     from meshd.logs import NodeFields
-    from meshd.workers import Supervisor
+    from meshd.workers import StopOnce, Supervisor
 
     host = config.node_id or uuid4()
     supervisor = Supervisor(config, options.argv, host)
+    StopOnce(reactor, worker=False)
     uninstall_process_hooks()
     _hooks["fields"] = NodeFields(host, config.node_name).install()
     if config.source is not None:
@@ -489,7 +492,7 @@ def _worker(options: Options, config: Config):
     """A worker's configuration, its siblings, and how it reads its configuration again (from its plan)."""
     from twisted.internet import reactor
 
-    from meshd.workers import Plan, WorkerSignals, worker_place
+    from meshd.workers import Plan, StopOnce, worker_place
 
     directory, index = worker_place(options["worker"])
     try:
@@ -501,7 +504,7 @@ def _worker(options: Options, config: Config):
         again, problems = options.configure()
         return plan.adapt(again, directory, index), problems
 
-    WorkerSignals(reactor)
+    StopOnce(reactor, worker=True)
     return plan.adapt(config, directory, index), plan.siblings(directory, index), reconfigure
 
 

@@ -521,40 +521,48 @@ def worker_place(value: str) -> tuple[Path, int]:
     return Path(directory), int(index)
 
 
-class WorkerSignals:
-    """How a worker takes signals: from its supervisor, and once.
+class StopOnce:
+    """How a host's processes take signals: a stop once, however many signals ask for it.
 
     A terminal's Ctrl-C reaches every process of its group, and a service
-    manager may signal every process of the service: the supervisor stops
-    its workers itself, so a worker ignores SIGINT, and takes the first
-    SIGTERM only (Twisted would try to stop its reactor again).  A worker
-    whose supervisor is gone (killed: nothing else would stop the worker)
-    stops.
+    manager (or ``timeout``) may signal every process of the service, or the
+    same one twice: Twisted would try to stop a reactor that is stopping
+    already, and log a traceback.  Here the first SIGTERM (or SIGINT) stops
+    the reactor and later ones do nothing.  In a worker (``worker=True``),
+    SIGINT is ignored, since its supervisor stops it; and a worker whose
+    supervisor is gone (killed: nothing else would stop the worker) stops.
     """
 
     log = Logger(namespace="meshd.workers")
 
-    def __init__(self, reactor: Any, interval: float = 1.0) -> None:
-        from twisted.internet.task import LoopingCall
-
+    def __init__(self, reactor: Any, worker: bool, interval: float = 1.0) -> None:
         self.reactor = reactor
+        self.worker = worker
         self.parent = os.getppid()
         self._stopping = False
-        self._loop = LoopingCall(self._check)
-        self._loop.clock = reactor
-        self._loop.start(interval, now=False)
+        self._loop = None
+        if worker:
+            from twisted.internet.task import LoopingCall
+
+            self._loop = LoopingCall(self._check)
+            self._loop.clock = reactor
+            self._loop.start(interval, now=False)
+        # After Twisted's own handlers, which it installs as the reactor starts.
         reactor.callWhenRunning(self._install)
 
     def _install(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self.stop))
+        stop = lambda *_: self.reactor.callFromThread(self.stop)  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.worker else stop)
 
     def stop(self) -> None:
-        if not self._stopping:
-            self._stopping = True
-            if self._loop.running:
-                self._loop.stop()
-            self.reactor.stop()
+        if self._stopping or not self.reactor.running:
+            return
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.log.info("Stopping: a signal asked for it")
+        self.reactor.stop()
 
     def _check(self) -> None:
         if os.getppid() != self.parent:
