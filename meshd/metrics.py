@@ -268,6 +268,9 @@ class Health:
       :attr:`started` (when the metrics listener started: with the node).
       A seed linked once stays counted while its link is down: readiness
       is about having joined the cluster, not about every link now;
+    - ``workers``: a worker of a host (``[node] workers``) has linked with
+      every other worker of its host once (frames for a node never linked
+      are not kept for it);
     - ``draining``: the node is not draining (:attr:`Application.draining`).
     """
 
@@ -296,9 +299,27 @@ class Health:
                 reasons["mesh"] = "the mesh service is not running"
             elif waiting:
                 reasons["mesh"] = "seeds not linked yet: " + ", ".join(waiting)
+            siblings = self._siblings_waiting(mesh)
+            if siblings:
+                reasons["workers"] = "not linked yet with workers " + ", ".join(siblings)
         if app.draining:
             reasons["draining"] = "the node is draining"
         return reasons
+
+    def _siblings_waiting(self, mesh) -> list[str]:
+        """The workers of this host (by index) that this one has never linked with."""
+        siblings = mesh.siblings
+        if siblings is None:
+            return []
+        from meshd.mesh.local import worker_node_id
+
+        waiting = []
+        for index in range(siblings.count):
+            node = worker_node_id(siblings.host, index)
+            peer = mesh.peers.get(node)
+            if index != siblings.index and (peer is None or not peer.linked):
+                waiting.append(str(index))
+        return waiting
 
     def _seeds_waiting(self, mesh) -> list[str]:
         seeds = mesh.settings.seeds

@@ -169,6 +169,20 @@ class LocalLinkTests(MeshTestCase):
         again = await self.start_worker(Siblings(host, 0, 2, directory))
         await self.wait_for(lambda: again.links() == 1 and second.links() == 1, "linked again")
 
+    async def test_a_worker_is_ready_once_linked_with_every_other_worker(self) -> None:
+        from meshd.metrics import Health
+
+        host, directory = uuid4(), self.socket_dir()
+        first = await self.start_worker(Siblings(host, 0, 3, directory))
+        self.assertEqual(Health(first.app).not_ready().get("workers"), "not linked yet with workers 1, 2")
+        second = await self.start_worker(Siblings(host, 1, 3, directory))
+        await self.wait_for(lambda: first.links() == 1, "linked")
+        self.assertEqual(Health(first.app).not_ready().get("workers"), "not linked yet with workers 2")
+        third = await self.start_worker(Siblings(host, 2, 3, directory))
+        await self.wait_for(lambda: third.links() == 2, "linked")
+        for node in (first, second, third):
+            self.assertNotIn("workers", Health(node.app).not_ready())
+
     async def test_a_local_link_must_claim_a_workers_id(self) -> None:
         """A process of this user that reaches the socket but claims another node id is refused."""
         host, directory = uuid4(), self.socket_dir()
