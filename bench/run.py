@@ -47,6 +47,30 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (a host's workers, under its supervisor)."""
+    found = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found.append(child)
+        found.extend(descendants(child))
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and of every process under it now (a process that ended is not counted)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            total += proc_cpu(p)
+        except OSError:
+            pass
+    return total
+
+
 def proc_sched(pid: int) -> tuple[int, int]:
     """Nanoseconds spent waiting for a CPU while runnable, and how many times the process got one."""
     _run, wait, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
@@ -64,7 +88,7 @@ class Window:
     def __init__(self, servers: "list[Server]", loadgens: "list[subprocess.Popen]") -> None:
         self.servers, self.loadgens = servers, loadgens
         self.t0 = time.monotonic()
-        self.cpu = {s.proc.pid: proc_cpu(s.proc.pid) for s in servers}
+        self.cpu = {s.proc.pid: tree_cpu(s.proc.pid) for s in servers}
         self.sched = {p: proc_sched(p) for p in self.pids()}
         self.machine = machine_cpu()
 
@@ -79,7 +103,7 @@ class Window:
             waits[pid] = (w1 - w0) / max(n1 - n0, 1) / 1000
         machine = [b - a for a, b in zip(self.machine, machine_cpu())]
         return {
-            "server_cpu": {s.kind + str(s.port): (proc_cpu(s.proc.pid) - self.cpu[s.proc.pid]) / elapsed
+            "server_cpu": {s.kind + str(s.port): (tree_cpu(s.proc.pid) - self.cpu[s.proc.pid]) / elapsed
                            for s in self.servers},
             "server_rss_mib": {s.kind + str(s.port): proc_rss_kib(s.proc.pid) / 1024 for s in self.servers},
             # Mean time a process waited for a CPU each time it became runnable:
@@ -145,10 +169,14 @@ class Result:
     figures: dict = field(default_factory=dict)
 
 
-def load(port: int, target: str, extra: list[str], servers: list[Server], timeout: float = 300) -> dict:
-    """Run the load generator; sample the servers' CPU over its measuring window."""
+def load(port: int, target: str, extra: list[str], servers: list[Server], timeout: float = 300,
+         affinity: Optional[set[int]] = None) -> dict:
+    """Run the load generator (on the cores ``affinity`` names, if given); sample the servers' CPU over
+    its measuring window."""
     argv = [sys.executable, str(HERE / "loadgen.py"), "--target", target, "--port", str(port), *extra]
     gen = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if affinity:
+        os.sched_setaffinity(gen.pid, affinity)
     window = None
     out = {}
     deadline = time.monotonic() + timeout
@@ -396,7 +424,7 @@ def table(results: list[Result], baselines: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
-    p.add_argument("--only", nargs="*", help="scenario groups: fanout, channels, idle, mesh, history")
+    p.add_argument("--only", nargs="*", help="scenario groups: fanout, channels, idle, mesh, history, conns")
     p.add_argument("--baseline", metavar="REV", help="also run every meshd row with the node of git revision REV")
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest.md")
     args = p.parse_args()
@@ -405,6 +433,7 @@ def main() -> None:
     duration = 2.0 if args.quick else 5.0
     groups = set(args.only or ["fanout", "channels", "idle", "mesh"])
     results: list[Result] = []
+    conn_results: list[Result] = []
     baselines: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -458,12 +487,18 @@ def main() -> None:
                 for tree in trees:
                     results += mesh_latency(f"{rate:,} msg/s to {who}", work / f"mesh{rate}-{subscribers}-{tree.label}",
                                             rate, duration, subscribers, tree=tree)
+        if "conns" in groups:
+            import conns
+
+            conn_results = conns.group(work, trees, quick=args.quick)
     header = (f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
-    text = header + table(results, baselines)
+    text = header + (table(results, baselines) if results else "")
+    if conn_results:
+        text += "\n" + conns.table(conn_results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    (args.out.with_suffix(".json")).write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    (args.out.with_suffix(".json")).write_text(json.dumps([r.__dict__ for r in results + conn_results], indent=1))
     print(text)
 
 

@@ -43,6 +43,47 @@ def mask(payload: bytes, opcode: int = 0x2, key: bytes = b"\0\0\0\0") -> bytes:
     return header + key + (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
 
 
+def opening_request(host: str, key: str, path: str = "/", subprotocol: Optional[str] = None) -> bytes:
+    """The bytes of a client's opening handshake request (RFC 6455, 4.1)."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if subprotocol:
+        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def split_frames(buffer: bytes) -> "tuple[list[tuple[int, int, int]], int]":
+    """The whole server frames at the front of ``buffer`` as (opcode, payload start, payload end), and
+    where the first partial one starts (server frames are never masked)."""
+    frames = []
+    at, n = 0, len(buffer)
+    while n - at >= 2:
+        length = buffer[at + 1] & 0x7F
+        start = at + 2
+        if length == 126:
+            if n - at < 4:
+                break
+            length = _U16.unpack_from(buffer, start)[0]
+            start += 2
+        elif length == 127:
+            if n - at < 10:
+                break
+            length = _U64.unpack_from(buffer, start)[0]
+            start += 8
+        end = start + length
+        if end > n:
+            break
+        frames.append((buffer[at] & 0x0F, start, end))
+        at = end
+    return frames, at
+
+
 class RawWebSocket(Protocol):
     """Call ``on_message(payload)`` for each message; ``opened`` fires after the handshake.
 
@@ -66,17 +107,7 @@ class RawWebSocket(Protocol):
         self.transport.setTcpNoDelay(True)
         key = base64.b64encode(os.urandom(16)).decode()
         host = self.transport.getPeer()
-        lines = [
-            f"GET {self.path} HTTP/1.1",
-            f"Host: {host.host}:{host.port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        if self.subprotocol:
-            lines.append(f"Sec-WebSocket-Protocol: {self.subprotocol}")
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.transport.write(opening_request(f"{host.host}:{host.port}", key, self.path, self.subprotocol))
 
     def send(self, payload: bytes) -> None:
         self.transport.write(mask(payload))
@@ -98,31 +129,14 @@ class RawWebSocket(Protocol):
             buffer = buffer[end + 4 :]
             self.opened.callback(self)
         on_message = self.on_message
-        at, n = 0, len(buffer)
-        while n - at >= 2:
-            length = buffer[at + 1] & 0x7F
-            start = at + 2
-            if length == 126:
-                if n - at < 4:
-                    break
-                length = _U16.unpack_from(buffer, start)[0]
-                start += 2
-            elif length == 127:
-                if n - at < 10:
-                    break
-                length = _U64.unpack_from(buffer, start)[0]
-                start += 8
-            end = start + length
-            if end > n:
-                break
-            opcode = buffer[at] & 0x0F
+        frames, at = split_frames(buffer)
+        for opcode, start, end in frames:
             if opcode == 0x2:
                 on_message(buffer[start:end])
             elif opcode == 0x9:  # ping: answer with the same payload
                 self.transport.write(mask(buffer[start:end], opcode=0xA))
             elif opcode == 0x8:
                 self.transport.loseConnection()
-            at = end
         self._buffer = buffer[at:]
 
     def connectionLost(self, reason=None) -> None:

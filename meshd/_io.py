@@ -24,6 +24,8 @@ The pieces:
 - :func:`use_exact_timers`: Autobahn's timeouts at the reactor's precision.
 - :class:`FastServerProtocol`: Autobahn's server protocol fed by the sans-IO
   splitter (:mod:`meshd.wsframes`), with its writes going through an outlet.
+- :class:`FastServerFactory`: its connections share the factory's options
+  instead of each copying (and formatting) them.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Callable, Optional
 
-from autobahn.twisted.websocket import WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
+import txaio
+from autobahn.twisted.util import create_transport_details, peer2str
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import Timings, WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from OpenSSL.SSL import WantReadError
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.tcp import Client, Server
@@ -40,7 +45,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from meshd import wsframes
+from meshd import wsframes, wshandshake
 
 #: The private attributes used here, by owner, with what each is for.
 INTERNALS = {
@@ -50,6 +55,8 @@ INTERNALS = {
         "dataBuffer": "write_now: Twisted's write buffer",
         "offset": "write_now: how much of dataBuffer was sent",
         "_aborting": "write_now: abortConnection was called",
+        "socket": "FastServerProtocol: read the request that came with a new connection at once",
+        "bufferSize": "FastServerProtocol: read the request that came with a new connection at once",
     },
     "twisted.protocols.tls.TLSMemoryBIOProtocol": {
         "_write": "LinkTLSProtocol: gather the records of one write",
@@ -65,6 +72,17 @@ INTERNALS = {
         "consumeData": "FastServerProtocol: let Autobahn parse its buffer",
         "autoPingTimeoutCall": "FastServerProtocol: any traffic answers a ping",
         "_cancelAutoPingTimeoutCall": "FastServerProtocol: any traffic answers a ping",
+        "CONFIG_ATTRS": "FastServerFactory: the options connectionMade copies onto each connection (and pformats)",
+        "openHandshakeTimeoutCall": "FastServerProtocol: a plain handshake stops the opening-handshake timer",
+        "autoPingPendingCall": "FastServerProtocol: a plain handshake starts auto-ping",
+        "_sendAutoPing": "FastServerProtocol: a plain handshake starts auto-ping",
+        "is_open": "FastServerProtocol: a plain handshake resolves it, as Autobahn's does",
+        "_connectionMade": "FastServerProtocol: a new connection's state as class defaults (see _FRESH)",
+        "_connectionLost": "FastServerProtocol: the server's, without formatting a debug line per connection",
+    },
+    "autobahn.twisted.websocket.WebSocketServerProtocol": {
+        "_onOpen": "FastServerProtocol: a plain handshake opens the connection as Autobahn's does",
+        "_transport_details": "FastServerProtocol: made at first use (a plain TCP connection never uses it)",
     },
     "autobahn.websocket.protocol.WebSocketServerFactory": {
         "_batched_timer": "use_exact_timers: Autobahn's timers round deadlines to a whole second",
@@ -81,6 +99,7 @@ def missing_internals() -> list[str]:
     from twisted.internet.tcp import Connection
 
     owners = {
+        "autobahn.twisted.websocket.WebSocketServerProtocol": WebSocketServerProtocol,
         "twisted.internet.tcp.Connection": Connection,
         "twisted.protocols.tls.TLSMemoryBIOProtocol": TLSMemoryBIOProtocol,
         "autobahn.websocket.protocol.WebSocketProtocol": WebSocketProtocol,
@@ -108,12 +127,24 @@ def _source_names(cls) -> set:
 
 
 _MISSING = frozenset(missing_internals())
-#: Whether the direct write can be used (else: ``transport.write``).
+#: Whether the direct write can be used, and a new connection read at once (else: ``transport.write``, the
+#: reactor's next poll).
 DIRECT_WRITE = not any(m.startswith("twisted.internet.tcp.") for m in _MISSING)
 #: Whether TLS records can be gathered (else: Twisted's own TLS writes).
 GATHER_TLS = not any(m.startswith("twisted.protocols.tls.") for m in _MISSING)
 #: Whether the node splits client frames itself (else: Autobahn's parser, ``onMessage``).
 FAST_PATH = not any(m.startswith("autobahn.websocket.protocol.WebSocketProtocol.") for m in _MISSING)
+#: Whether the node answers plain opening handshakes itself (else: Autobahn's parser answers every one).
+PLAIN_HANDSHAKE = FAST_PATH and not any(
+    m.rsplit(".", 1)[1] in ("openHandshakeTimeoutCall", "autoPingPendingCall", "_sendAutoPing", "is_open", "_onOpen")
+    for m in _MISSING
+)
+#: Whether a new connection starts from class defaults, and its steps skip their debug lines (else: Autobahn's
+#: ``_connectionMade`` sets every field of every connection, and both steps format their debug lines).
+LEAN_LIFECYCLE = not any(m.endswith(("._connectionMade", "._connectionLost", "._transport_details", "._onOpen"))
+                         for m in _MISSING)
+#: Whether connections can share their factory's options (else: Autobahn copies them onto each).
+SHARED_OPTIONS = "autobahn.websocket.protocol.WebSocketProtocol.CONFIG_ATTRS" not in _MISSING
 #: Whether Autobahn's timers can be made exact (else: they stay rounded).
 EXACT_TIMERS = not any(m.startswith("autobahn.websocket.protocol.WebSocketServerFactory.") for m in _MISSING)
 
@@ -523,6 +554,63 @@ def use_exact_timers(factory, clock) -> bool:
     return True
 
 
+class _Probe(WebSocketServerProtocol):
+    """A stand-in connection, for :func:`_fresh_state` to see what Autobahn sets on a new connection."""
+
+    CONFIG_ATTRS = ()
+    openHandshakeTimeout = 0
+    trackTimings = False
+
+    class factory:  # what _connectionMade reads of its factory
+        isServer = True
+        proxy = None
+
+
+def _fresh_state() -> dict:
+    """The fields Autobahn's ``_connectionMade`` gives every new connection, with their first values.
+
+    Found by running it once on a stand-in, so that a new version of
+    Autobahn with other fields is followed, not copied by hand.
+    """
+    probe = _Probe()
+    before = set(vars(probe))
+    WebSocketProtocol._connectionMade(probe)
+    return {name: value for name, value in vars(probe).items() if name not in before}
+
+
+_IMMUTABLE = (type(None), bool, int, float, str, bytes)
+
+
+class _FirstUse:
+    """A per-connection attribute made at its first use: an idle connection never makes it.
+
+    A non-data descriptor: once made, the value is the instance's own
+    attribute, and reading it costs what reading any attribute does.
+    """
+
+    def __init__(self, name: str, make: Callable[[], object]) -> None:
+        self.name = name
+        self.make = make
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.make()
+        return value
+
+
+class _TransportDetails:
+    """Autobahn's description of a connection's transport, made at first use (TLS, or a caller asking)."""
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        details = create_transport_details(instance.transport, instance.is_server)
+        details.channel_framing = details.CHANNEL_FRAMING_WEBSOCKET
+        instance.__dict__["_transport_details"] = details
+        return details
+
+
 class FastServerProtocol(WebSocketServerProtocol):
     """Autobahn's server protocol, with client frames split by :func:`meshd.wsframes.split`.
 
@@ -558,6 +646,22 @@ class FastServerProtocol(WebSocketServerProtocol):
       client's close frame, where Autobahn aborts it (a TCP reset): a client
       whose own close frame broke the protocol has not read the node's
       close frame yet (1002), and a reset would destroy it unread.
+
+    Opening handshakes, and what a connection keeps (:data:`LEAN_LIFECYCLE`):
+
+    - A plain request (:func:`meshd.wshandshake.plain_upgrade`: no
+      ``Origin``, no extensions offered, nothing malformed) is parsed once
+      and answered here, with the bytes and the state Autobahn's would
+      give, ``onConnect`` (which must answer at once, not with a Deferred)
+      deciding as before; Autobahn's parser answers every other request.
+      A connection opened this way keeps none of the request's text.
+    - Autobahn's ``_connectionMade`` sets some 40 fields on every new
+      connection to the same first values (flags, timers, counters, a send
+      queue, a UTF-8 validator, traffic statistics): here those are class
+      defaults (:data:`_FRESH`), a connection gets its own field when one is
+      written, and the objects are made at their first use (a chopped or
+      synchronous write, a text message), which idle connections, almost all
+      of them, never come to.
     """
 
     #: The largest payload taken by the fast path; 0 while it is off.
@@ -579,6 +683,10 @@ class FastServerProtocol(WebSocketServerProtocol):
     _abort_call = None
     _CONNECTING = WebSocketProtocol.STATE_CONNECTING
     _CLOSED = WebSocketProtocol.STATE_CLOSED
+    _transport_details = _TransportDetails()
+    #: The WebSocket version of a plain handshake (Autobahn's parser sets its own).
+    websocket_version = 13
+    websocket_protocol_in_use: Optional[str] = None
 
     def outlet_for(self, transport) -> Optional[Outlet]:
         """The outlet for this connection's writes (None: Autobahn writes to the transport)."""
@@ -588,16 +696,91 @@ class FastServerProtocol(WebSocketServerProtocol):
         """One whole binary message from the client."""
         raise NotImplementedError
 
+    def _connectionMade(self) -> None:
+        # Autobahn's, with the fields it sets to their first values left to the
+        # class defaults (_FRESH), and no debug line formatted.  Its options
+        # must be on the class already (FastServerFactory), else Autobahn's
+        # copies them.  The opening-handshake timer starts in connectionMade,
+        # once the request that came with the connection was not enough.
+        if not (LEAN_LIFECYCLE and not self.CONFIG_ATTRS):
+            super()._connectionMade()
+            return
+        self.state = self._CONNECTING
+        if self.trackTimings:
+            self.trackedTimings = Timings()
+        self.factory.countConnections += 1
+
+    def _connectionLost(self, reason) -> None:
+        if not LEAN_LIFECYCLE:
+            super()._connectionLost(reason)
+            return
+        WebSocketProtocol._connectionLost(self, reason)
+        self.factory.countConnections -= 1
+
     def connectionMade(self) -> None:
         # Autobahn sets TCP_NODELAY from ``self.tcpNoDelay`` before it copies
         # the factory's options onto the protocol, so on its own the option
         # never takes effect; without it Nagle's algorithm holds small event
         # frames back until the client's delayed ACK (tens of milliseconds).
-        self.tcpNoDelay = self.factory.tcpNoDelay
+        # (A class made by FastServerFactory has its options already.)
+        if self.CONFIG_ATTRS:
+            self.tcpNoDelay = self.factory.tcpNoDelay
         self.outlet = self.outlet_for(self.transport)
         if self.connection_log is not None:
             self.log = self.connection_log
-        super().connectionMade()
+        if LEAN_LIFECYCLE and not self.CONFIG_ATTRS:
+            # Autobahn's, less the transport's description (made at first use) and a debug line.
+            del self.__dict__["_transport_details"]  # the blank one of __init__
+            self.peer = peer2str(self.transport)
+            try:
+                self.transport.setTcpNoDelay(self.tcpNoDelay)
+            except Exception:  # as Autobahn: UNIX sockets refuse it, in several ways
+                pass
+            self._connectionMade()
+        else:
+            super().connectionMade()
+        if self.admit() and self.state == self._CONNECTING:
+            self._read_waiting()
+        if (
+            LEAN_LIFECYCLE and not self.CONFIG_ATTRS and self.state == self._CONNECTING
+            and self.openHandshakeTimeout > 0
+        ):
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout)
+
+    def _onOpen(self) -> None:
+        # Autobahn's reads the transport's description to complete it for TLS:
+        # a plain TCP connection that never made it has nothing to complete.
+        if "_transport_details" not in self.__dict__ and type(self.transport) in _PLAIN_TCP:
+            self.onOpen()
+        else:
+            super()._onOpen()
+
+    def admit(self) -> bool:
+        """Whether the new connection may go on to its handshake (else it was refused); subclasses decide."""
+        return True
+
+    def _read_waiting(self) -> None:
+        """Take the request that arrived with the connection now, not at the reactor's next poll.
+
+        A client sends its request as soon as it is connected, usually before
+        the node accepts the connection.  Answered here, the connection is
+        open before the next one is accepted: when thousands connect at once
+        (clients coming back after a restart), the connections in their
+        opening handshake stay few, instead of growing with each batch the
+        reactor accepts until ``max_handshaking`` drops the oldest, whose
+        requests are waiting unread.  Nothing there yet, or the connection
+        ending: the reactor's poll sees to it as usual.
+        """
+        transport = self.transport
+        if not DIRECT_WRITE or type(transport) not in _PLAIN_TCP:
+            return
+        try:
+            data = transport.socket.recv(transport.bufferSize)
+        except OSError:
+            return
+        if data:
+            self.dataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == self._CONNECTING and self._handshake_seen >= 0 and self.max_handshake_size:
@@ -657,9 +840,51 @@ class FastServerProtocol(WebSocketServerProtocol):
         if not FAST_PATH:
             super().dataReceived(data)
             return
+        if PLAIN_HANDSHAKE and not (self.factory.externalPort or self.maxConnections) and 13 in self.versions:
+            received = b"".join(reads) + data if reads else data
+            end = received.find(b"\r\n\r\n") + 4
+            upgrade = wshandshake.plain_upgrade(received[:end])
+            if upgrade is not None:
+                self.data = received[end:]
+                self._open_plain(upgrade)
+                return
         if reads:
             self.data = b"".join(reads)
         self._dataReceived(data)
+
+    def _open_plain(self, upgrade: wshandshake.Upgrade) -> None:
+        """Answer a plain opening handshake: what Autobahn's processHandshake and succeedHandshake do for it."""
+        request = ConnectionRequest(self.peer, upgrade.headers, upgrade.host, upgrade.path, upgrade.params(), 13, "",
+                                    upgrade.protocols, [])
+        try:
+            answer = self.onConnect(request)
+            protocol, headers = answer if isinstance(answer, tuple) else (answer, {})
+            if protocol is not None and protocol not in upgrade.protocols:
+                raise ValueError("protocol accepted must be from the list client sent or None")
+        except ConnectionDeny as deny:
+            self.failHandshake(deny.reason, deny.code)
+            return
+        except Exception as error:  # as Autobahn answers a failing onConnect
+            self.log.warn("Unexpected exception in onConnect ['{error}']", error=error)
+            self.failHandshake(f"Internal server error: {error}", ConnectionDeny.INTERNAL_SERVER_ERROR)
+            return
+        factory = self.factory
+        self.sendData(wshandshake.switching_protocols(
+            upgrade.key, protocol, factory.server, [*factory.headers.items(), *headers.items()]))
+        self.websocket_protocol_in_use = protocol
+        self.state = _OPEN
+        timeout, self.openHandshakeTimeoutCall = self.openHandshakeTimeoutCall, None
+        if timeout is not None:
+            timeout.cancel()
+        self.inside_message = False
+        self.current_frame = None
+        if self.autoPingInterval:
+            self.autoPingPendingCall = factory._batched_timer.call_later(self.autoPingInterval, self._sendAutoPing)
+        self._onOpen()
+        txaio.resolve(self.is_open, None)
+        rest, self.data = self.data, b""
+        if rest:  # the client's first frames, sent with its request
+            self.dataReceived(rest)
 
     def onCloseFrame(self, code, reasonRaw):
         self._in_close_frame = True
@@ -717,4 +942,61 @@ class FastServerProtocol(WebSocketServerProtocol):
         late, self._abort_call = self._abort_call, None
         if late is not None and late.active():
             late.cancel()
-        super().connectionLost(reason)
+        if LEAN_LIFECYCLE and type(self.transport) in _PLAIN_TCP:
+            # What Autobahn's does for plain TCP, less its debug lines (TLS errors are logged there).
+            self._connectionLost(reason)
+        else:
+            super().connectionLost(reason)
+
+
+#: What Autobahn's ``_connectionMade`` sets on a new connection, as :class:`FastServerProtocol`'s defaults:
+#: values as they are, objects made at first use.
+_FRESH = _fresh_state() if LEAN_LIFECYCLE else {}
+for _name, _value in _FRESH.items():
+    if _name not in vars(FastServerProtocol):
+        setattr(FastServerProtocol, _name, _value if isinstance(_value, _IMMUTABLE) else _FirstUse(_name, type(_value)))
+
+
+class FastServerFactory(WebSocketServerFactory):
+    """Autobahn's server factory, whose connections read its options from their class.
+
+    Autobahn's ``connectionMade`` copies each of the protocol options
+    (``CONFIG_ATTRS``, 29 of them) from the factory onto every new
+    connection, then formats the list with ``pprint`` for a debug line that
+    is not logged: a third of the node's time per opening handshake, and 29
+    more entries in every connection's ``__dict__``.  Here connections are
+    made from a subclass of :attr:`protocol` that holds the options as class
+    attributes and has nothing to copy; it is made again after each
+    :meth:`setProtocolOptions`, so that, as with Autobahn's copies,
+    connections already made keep the options they started with.
+    """
+
+    _shared: "Optional[tuple[type, type]]" = None
+
+    def setProtocolOptions(self, **options) -> None:
+        super().setProtocolOptions(**options)
+        self._shared = None
+
+    def buildProtocol(self, addr):
+        if not SHARED_OPTIONS:
+            return super().buildProtocol(addr)
+        shared = self._shared
+        if shared is None or shared[0] is not self.protocol:
+            shared = self._shared = (self.protocol, _with_options(self.protocol, self))
+        protocol = shared[1]()
+        protocol.factory = self
+        return protocol
+
+
+def _with_options(protocol: type, factory) -> type:
+    """A subclass of ``protocol`` with ``factory``'s options as class attributes, and none to copy."""
+    options = {name: _as_class_attribute(getattr(factory, name)) for name in protocol.CONFIG_ATTRS}
+    return type(protocol.__name__, (protocol,), {
+        **options, "CONFIG_ATTRS": (), "__module__": protocol.__module__, "__qualname__": protocol.__qualname__,
+    })
+
+
+def _as_class_attribute(value):
+    """``value`` as a class attribute that reads back as itself (a function, such as
+    ``perMessageCompressionAccept``, would become a method of the connection)."""
+    return staticmethod(value) if hasattr(type(value), "__get__") else value

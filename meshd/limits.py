@@ -30,6 +30,11 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: Loopback: a reverse proxy on the node's host, whose connections stand for many clients.
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1")
+#: Seconds a connection may be in its opening handshake before a new one past ``max_handshaking`` may
+#: take its place (see :class:`Admission`).
+HANDSHAKE_GRACE = 1.0
+#: Hosts whose address key :meth:`Limits.address_of` remembers (then it starts over).
+ADDRESS_CACHE = 4096
 
 
 class TokenBucket:
@@ -143,15 +148,24 @@ class Admission:
     Only open connections count against ``max_open`` (``max_connections``),
     so sockets that say nothing cannot lock clients out; handshaking ones
     are bounded by ``max_handshaking``: a new connection past it takes the
-    place of the oldest, which is dropped.  Both count against their
-    address's ``per_address``; a connection past that is refused.  An address
-    of None (exempt, or not an IP connection) is not counted.  0 is no limit.
+    place of the oldest, which is dropped, if that one has been handshaking
+    for ``grace`` seconds.  A younger oldest is a storm of clients coming
+    back at once, whose requests the node has not read yet, not sockets
+    that say nothing: the new connection is taken beside it, up to twice
+    ``max_handshaking``, past which the oldest goes whatever its age.  Both
+    count against their address's ``per_address``; a connection past that
+    is refused.  An address of None (exempt, or not an IP connection) is not
+    counted.  0 is no limit.
     """
 
-    def __init__(self, max_handshaking: int = 0, per_address: int = 0, max_open: int = 0) -> None:
+    def __init__(self, max_handshaking: int = 0, per_address: int = 0, max_open: int = 0,
+                 grace: float = 0.0) -> None:
         self.max_handshaking = max_handshaking
         self.per_address = per_address
         self.max_open = max_open
+        self.grace = grace
+        #: When each handshaking connection was taken (only with a grace).
+        self._since: dict[Any, float] = {}
         #: Connections in their opening handshake, oldest first, with their addresses.
         self.handshaking: dict[Any, Optional[str]] = {}
         #: Open connections, with their addresses.
@@ -159,18 +173,24 @@ class Admission:
         #: Connections (handshaking or open) per counted address.
         self.addresses: dict[str, int] = {}
 
-    def connect(self, conn: Any, address: Optional[str]) -> "tuple[bool, Optional[Any]]":
-        """A new connection: whether it is taken, and the handshaking connection it replaces, if any.
+    def connect(self, conn: Any, address: Optional[str], now: float = 0.0) -> "tuple[bool, Optional[Any]]":
+        """A new connection at ``now``: whether it is taken, and the handshaking connection it replaces, if any.
 
         The caller drops the replaced connection; it is no longer counted.
         """
         if address is not None and self.per_address and self.addresses.get(address, 0) >= self.per_address:
             return False, None
         replaced = None
-        if self.max_handshaking and len(self.handshaking) >= self.max_handshaking:
-            replaced = next(iter(self.handshaking))
-            self.lost(replaced)
-        self.handshaking[conn] = address
+        handshaking = self.handshaking
+        if self.max_handshaking and len(handshaking) >= self.max_handshaking:
+            oldest = next(iter(handshaking))
+            if not self.grace or len(handshaking) >= 2 * self.max_handshaking or \
+                    now - self._since[oldest] >= self.grace:
+                replaced = oldest
+                self.lost(replaced)
+        handshaking[conn] = address
+        if self.grace:
+            self._since[conn] = now
         if address is not None:
             self.addresses[address] = self.addresses.get(address, 0) + 1
         return True, replaced
@@ -183,6 +203,7 @@ class Admission:
         """``conn`` finished its opening handshake."""
         address = self.handshaking.pop(conn, _NOT_HERE)
         if address is not _NOT_HERE:
+            self._since.pop(conn, None)
             self.open[conn] = address
 
     def lost(self, conn: Any) -> None:
@@ -190,6 +211,8 @@ class Admission:
         address = self.handshaking.pop(conn, _NOT_HERE)
         if address is _NOT_HERE:
             address = self.open.pop(conn, _NOT_HERE)
+        else:
+            self._since.pop(conn, None)
         if address is _NOT_HERE or address is None:
             return
         left = self.addresses[address] - 1
@@ -369,8 +392,10 @@ class Limits:
         log: Optional[RateLimitedLog] = None,
     ) -> None:
         self.clock = clock
-        self.admission = Admission(max_handshaking, max_connections_per_address, max_connections)
+        self.admission = Admission(max_handshaking, max_connections_per_address, max_connections, HANDSHAKE_GRACE)
         self.exempt = parse_networks(exempt_addresses)
+        #: address_key of recently seen hosts: parsing an address costs more than the rest of admission.
+        self._keys: dict[str, Optional[str]] = {}
         self.max_failed_hellos = max_failed_hellos
         self.failed_hellos = AddressBuckets(address_failed_hello_rate, address_failed_hellos)
         self.request_rate = request_rate
@@ -397,7 +422,16 @@ class Limits:
 
     def address_of(self, peer: Any) -> Optional[str]:
         """The key ``peer`` (a transport's ``getPeer()``) is counted under; None if not counted."""
-        return address_key(peer, self.exempt)
+        if type(peer) not in (IPv4Address, IPv6Address):
+            return address_key(peer, self.exempt)
+        keys = self._keys
+        key = keys.get(peer.host, _NOT_HERE)
+        if key is _NOT_HERE:
+            key = address_key(peer, self.exempt)
+            if len(keys) >= ADDRESS_CACHE:
+                keys.clear()
+            keys[peer.host] = key
+        return key
 
     def request_bucket(self) -> Optional[TokenBucket]:
         """A new session's budget of requests; None when the rate is not limited (0)."""

@@ -24,8 +24,9 @@ fields; they change them only through the machine's inputs.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Iterator, Optional, Protocol
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from automat import TypeMachineBuilder
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -53,6 +54,33 @@ CLOSED = "closed"
 
 #: Largest Batch frame built for a session; more events go in several.
 MAX_BATCH_BYTES = 256 * 1024
+#: Random bytes read at a time for session ids: one system call per 256 sessions, not one each.
+_ID_POOL = 4096
+
+
+def _random_ids() -> Iterator[UUID]:
+    """Version-4 UUIDs cut from os.urandom pools, as uuid4() makes them one system call each."""
+    while True:
+        pool = os.urandom(_ID_POOL)
+        for at in range(0, _ID_POOL, 16):
+            yield UUID(bytes=pool[at:at + 16], version=4)
+
+
+_ids = _random_ids()
+
+
+def _new_pool_in_child() -> None:
+    # A forked process (a worker) must not hand out the ids its parent has yet to.
+    global _ids
+    _ids = _random_ids()
+
+
+os.register_at_fork(after_in_child=_new_pool_in_child)
+
+
+def new_session_id() -> UUID:
+    """A new random (version 4) session id, as ``uuid4()`` makes, from a pool of ``os.urandom`` bytes."""
+    return next(_ids)
 
 
 class Lifecycle(Protocol):
@@ -211,7 +239,7 @@ class Session:
         hello_timeout: float = 0,
         metrics: "Optional[Metrics]" = None,
     ) -> None:
-        self.id: UUID = session_id or uuid4()
+        self.id: UUID = session_id or new_session_id()
         self.protocol = protocol
         self.peer = peer
         self.outlet = outlet

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny
 
-from meshd._io import FastServerProtocol, use_exact_timers
+from meshd._io import FastServerFactory, FastServerProtocol, use_exact_timers
 from meshd.codec import ErrorCode
 from meshd.constants import (
     CLOSE_MESSAGE_TOO_BIG,
@@ -81,15 +80,15 @@ class MeshServerProtocol(FastServerProtocol):
 
     # -- connections ---------------------------------------------------------------
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
+    def admit(self) -> bool:
         limits = self.factory.app.limits
         self.address = limits.address_of(self.transport.getPeer())
-        taken, replaced = limits.admission.connect(self, self.address)
+        taken, replaced = limits.admission.connect(self, self.address, limits.clock.seconds())
         if replaced is not None:
             replaced.refuse("too many connections in their opening handshake", 503)
         if not taken:
             self.refuse(f"too many connections from {self.address}", 503)
+        return taken
 
     def refuse(self, reason: str, code: int) -> None:
         """Answer the opening handshake with HTTP ``code`` and close (if it is still under way)."""
@@ -245,7 +244,7 @@ class MeshServerProtocol(FastServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123])
 
 
-class MeshServerFactory(WebSocketServerFactory):
+class MeshServerFactory(FastServerFactory):
     """Makes :class:`MeshServerProtocol` for one :class:`Application`, with limits set on purpose."""
 
     protocol = MeshServerProtocol

@@ -60,6 +60,22 @@ class BenchSmokeTests(unittest.SynchronousTestCase):
         result = run.idle("idle smoke", "meshd", 50, self.work)
         self.assertEqual(result.figures["connections"], 50)
 
+    def test_connections(self) -> None:
+        """bench/conns.py: handshakes against the relay and a node, idle subscribed connections, a storm all back."""
+        import conns
+
+        relay, node = conns.Target("relay", "relay"), conns.Target("meshd", "meshd", drain=0.5)
+        results = [conns.handshakes(relay, self.work, 0.5), conns.handshakes(node, self.work, 0.5),
+                   conns.handshakes(node, self.work, 0.5, subscribe=True)]
+        for result in results:
+            self.assertGreater(result.figures["done"], 0, result.figures)
+            self.assertEqual((result.figures["refused"], result.figures["dropped"]), ({}, 0), result.figures)
+        results.append(conns.idle_memory(node, self.work, 50, settle=0.2))
+        storm = conns.storm(node, self.work, 50)
+        self.assertEqual((storm.figures["refused"], storm.figures["dropped"]), ({}, 0), storm.figures)
+        self.assertEqual(storm.figures["closes"], {"4007": 50})
+        self.assertIn("reconnect storm", conns.table([*results, storm]))
+
     def test_forwarding_cost(self) -> None:
         """bench/forward.py: every forwarded publish reached node B's subscriber."""
         out = subprocess.run([sys.executable, str(BENCH / "forward.py"), "--reads", "50"], env=run.env(),

@@ -213,6 +213,83 @@ class ContractTests(unittest.SynchronousTestCase):
         """Every private attribute listed in INTERNALS exists in the installed Twisted and Autobahn."""
         self.assertEqual(_io.missing_internals(), [])
         self.assertTrue(_io.DIRECT_WRITE and _io.GATHER_TLS and _io.FAST_PATH and _io.EXACT_TIMERS)
+        self.assertTrue(_io.SHARED_OPTIONS and _io.PLAIN_HANDSHAKE and _io.LEAN_LIFECYCLE)
+
+    def test_options_shared(self) -> None:
+        """A node's connections read the factory's options from their class; a later change reaches only new ones."""
+        from autobahn.websocket.protocol import WebSocketServerProtocol as Base
+
+        from .test_websocket import node_app
+
+        factory = node_app().factory
+        first = factory.buildProtocol(None)
+        first.makeConnection(StringTransport())
+        self.assertFalse(set(Base.CONFIG_ATTRS) & set(vars(first)), "no option copied onto the connection")
+        self.assertEqual(first.maxMessagePayloadSize, factory.maxMessagePayloadSize)
+        self.assertTrue(first.tcpNoDelay)
+        self.assertIsNone(first.perMessageCompressionAccept([]), "a function option reads back as itself")
+        factory.setProtocolOptions(maxMessagePayloadSize=77)
+        second = factory.buildProtocol(None)
+        self.assertEqual((first.maxMessagePayloadSize, second.maxMessagePayloadSize),
+                         (factory.config.max_message_size, 77))
+        self.assertIsInstance(second, type(first).__mro__[1])
+        first.connectionLost(Failure(ConnectionDone()))
+
+    def test_fresh_connection_as_autobahns(self) -> None:
+        """A new connection reads the first values Autobahn's _connectionMade gives, each object its own, made at
+        first use; and nothing else is missing from it."""
+        from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+        from .test_websocket import node_app
+
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        theirs = factory.buildProtocol(None)
+        theirs.makeConnection(StringTransport())
+        ours, other = (node_app().factory.buildProtocol(None) for _ in range(2))
+        for protocol in (ours, other):
+            protocol.makeConnection(StringTransport())
+        self.assertTrue(_io._FRESH)
+        for name, value in vars(theirs).items():
+            if name in _io._FRESH and name != "state":  # the state is each connection's own from the start
+                self.assertNotIn(name, vars(ours), name)
+            self.assertTrue(hasattr(ours, name), name)
+            if name in _io._FRESH:
+                mine = getattr(ours, name)
+                if isinstance(value, _io._IMMUTABLE):
+                    self.assertEqual(mine, value, name)
+                else:
+                    self.assertIsInstance(mine, type(value))
+                    self.assertIsNot(mine, getattr(other, name), name)
+        self.assertNotIn("_transport_details", vars(other), "made at first use")
+        self.assertEqual(ours.peer, theirs.peer)
+        self.assertEqual(ours._transport_details.marshal(), theirs._transport_details.marshal())
+        for protocol in (theirs, ours, other):
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_connections_counted(self) -> None:
+        """The server's connection steps, without their debug lines, still count connections as Autobahn's do."""
+        from .test_websocket import node_app
+
+        factory = node_app().factory
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertEqual(factory.countConnections, 1)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((factory.countConnections, protocol.state), (0, protocol.STATE_CLOSED))
+
+    def test_options_copied_without_the_internal(self) -> None:
+        """Without CONFIG_ATTRS to rely on, connections are Autobahn's own, options copied onto each."""
+        from .test_websocket import node_app
+
+        self.patch(_io, "SHARED_OPTIONS", False)
+        factory = node_app().factory
+        protocol = factory.buildProtocol(None)
+        self.assertIs(type(protocol), factory.protocol)
+        protocol.makeConnection(StringTransport())
+        self.assertIn("maxMessagePayloadSize", vars(protocol))
+        protocol.connectionLost(Failure(ConnectionDone()))
 
     def test_missing_internal_is_reported(self) -> None:
         """An internal that goes away is named, so the matching fast path turns itself off."""

@@ -18,7 +18,16 @@ from twisted.trial import unittest
 
 from meshd import _io
 from meshd.codec import ErrorCode, Opcode, decode, encode
-from meshd.limits import AddressBuckets, Admission, RateLimitedLog, TokenBucket, address_key, parse_networks
+from meshd.limits import (
+    HANDSHAKE_GRACE,
+    AddressBuckets,
+    Admission,
+    Limits,
+    RateLimitedLog,
+    TokenBucket,
+    address_key,
+    parse_networks,
+)
 
 from .test_websocket import Connection, client_frame, close_code, handshake, node_app, ping
 
@@ -234,7 +243,13 @@ class HandshakeLimitTests(unittest.SynchronousTestCase):
         self.assertEqual(connection.http_status(), 101)
 
     def test_no_rescan(self) -> None:
-        """Autobahn looks for the end of a header once, when it has arrived, not on every read."""
+        """Autobahn looks for the end of a header once, when it has arrived, not on every read (and a plain
+        request, answered without Autobahn's parser, is not scanned by it at all)."""
+        for plain, expected in ((True, 0), (False, 1)):
+            self.patch(_io, "PLAIN_HANDSHAKE", plain)
+            self.assertEqual(self.scans(), expected, plain)
+
+    def scans(self) -> int:
         connection = Connection(request=None)
         scans = []
         process = connection.protocol.processHandshake
@@ -242,7 +257,7 @@ class HandshakeLimitTests(unittest.SynchronousTestCase):
         request = handshake("X-Pad: " + "p" * 15000)
         connection.feed(*[request[i : i + 100] for i in range(0, len(request), 100)])
         self.assertEqual(connection.http_status(), 101)
-        self.assertEqual(len(scans), 1)
+        return len(scans)
 
     def test_without_autobahns_buffer(self) -> None:
         """With the internal buffer unavailable, the limit still holds through Autobahn's own parser."""
@@ -381,12 +396,35 @@ class ConnectionLimitTests(unittest.SynchronousTestCase):
         """Past max_handshaking, a new connection takes the place of the oldest one still in its handshake."""
         app = node_app(max_handshaking=3)
         silent = [Connection(app=app, request=None) for _ in range(3)]
+        app.clock.advance(HANDSHAKE_GRACE)
         newest = Connection(app=app, request=None)
         self.assertEqual(silent[0].http_status(), 503)
         self.assertTrue(silent[0].transport.disconnecting)
         self.assertFalse(silent[1].transport.disconnecting)
         newest.feed(handshake())
         self.assertEqual(newest.http_status(), 101)
+
+
+    def test_storm_is_not_refused(self) -> None:
+        """Past max_handshaking, connections all younger than the grace are taken beside them, up to twice the
+        bound: a storm of clients coming back is not refused because the node has not read their requests yet."""
+        app = node_app(max_handshaking=3)
+        storm = [Connection(app=app, request=None) for _ in range(6)]
+        self.assertFalse(any(c.transport.disconnecting for c in storm))
+        seventh = Connection(app=app, request=None)
+        self.assertEqual(storm[0].http_status(), 503, "past twice the bound, the oldest goes")
+        for connection in storm[1:] + [seventh]:
+            connection.feed(handshake())
+            self.assertEqual(connection.http_status(), 101)
+
+    def test_grace_unit(self) -> None:
+        """Admission: the oldest is replaced once it is past the grace, or past twice the bound."""
+        admission = Admission(max_handshaking=2, grace=1.0)
+        self.assertEqual([admission.connect(c, None, 0.0) for c in "abcd"], [(True, None)] * 4)
+        self.assertEqual(admission.connect("e", None, 0.5), (True, "a"))
+        admission.opened("b")
+        self.assertEqual(admission.connect("f", None, 2.0), (True, "c"))
+        self.assertEqual(list(admission.handshaking), ["d", "e", "f"])
 
 
 class RequestRateTests(unittest.SynchronousTestCase):
