@@ -32,12 +32,26 @@ def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
     would only listen later is refused rather than waited for.
     """
     outcome: list = []
-    serverFromString(reactor, description).listen(factory).addBoth(outcome.append)
+    serverFromString(reactor, with_backlog(description)).listen(factory).addBoth(outcome.append)
     if not outcome:
         raise RuntimeError(f"{description!r}: the listener did not start at once")
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]
+
+
+#: The listen backlog of a ``tcp:`` listener whose description sets none (Twisted's is 50): clients
+#: reconnecting at once after a restart queue there until the node accepts them (the kernel caps it at
+#: ``net.core.somaxconn``).
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=DEFAULT_BACKLOG`` added if it is a ``tcp:`` one that sets none."""
+    parts = split_endpoint(description)
+    if parts[0].lower() not in ("tcp", "tcp6") or any(p.startswith("backlog=") for p in parts[1:]):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
 def tcp_address(description: str) -> "Optional[tuple[str, int, int]]":
@@ -50,7 +64,7 @@ def tcp_address(description: str) -> "Optional[tuple[str, int, int]]":
     positional = [p for p in parts[1:] if "=" not in p]
     port = options.get("port") or (positional[0] if positional else "0")
     interface = options.get("interface") or ("::" if kind == "tcp6" else "")
-    return interface, int(port), int(options.get("backlog", 50))
+    return interface, int(port), int(options.get("backlog", DEFAULT_BACKLOG))
 
 
 def shared_socket(interface: str, port: int) -> socket.socket:
