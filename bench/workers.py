@@ -1,6 +1,6 @@
 """Workers: what a host's workers cost per delivery and per publish, and what N cores would deliver.
 
-    python bench/workers.py [--quick] [--out FILE]
+    python bench/workers.py [--quick] [--only cost connections] [--out FILE]
 
 Also ``python bench/run.py --only workers``.  Three parts, 1 and 2 workers
 interleaved in one run (``[node] workers``, docs/scaling.md):
@@ -17,7 +17,12 @@ interleaved in one run (``[node] workers``, docs/scaling.md):
    the host (1 or 2 workers) pinned to core 0 and the load generator to
    core 1: what the hop costs when one core is the host's; then nothing
    pinned, the load generator sharing both cores with the workers.
-3. **The model**: deliveries/s on N cores, each worker on a core of its own
+3. **Connections on a host of workers** (``--only connections``): what one
+   process cannot hold under this machine's limit of 20,000 open files,
+   measured with ``bench/conns.py``'s functions: 50,000 idle subscribed
+   connections on 3 workers, a reconnect storm of 20,000 clients on 2, and
+   handshakes/s with 2 workers against the relay.
+4. **The model**: deliveries/s on N cores, each worker on a core of its own
    and the clients elsewhere, every publish reaching every worker, is
    ``N * S / (c_pub + (N - 1) * c_hop + S * c_del)``, with the inputs measured
    in part 1 (``c_del`` as measured with 2 workers, for N of 2 or more).
@@ -136,6 +141,41 @@ def projection(m: dict, subscribers: int, cores=(1, 2, 4, 8, 16)) -> list[tuple[
     return rates
 
 
+# -- connections on a host of workers (bench/conns.py's rows) ---------------------------
+
+
+def host_target(workers: int):
+    """A ``conns`` target: one ``twistd meshd`` with ``[node] workers``, measured over its process tree."""
+    import conns
+
+    class Host(conns.Target):
+        def start(self, port: int, workdir: Path) -> list[Server]:
+            config = conns.NODE_CONFIG.format(port=port, drain=self.drain).replace(
+                "[node]\n", f"[node]\nworkers = {workers}\n", 1)
+            server = Server("meshd", port, workdir, config)
+            deadline = time.monotonic() + 30
+            while len(descendants(server.proc.pid)) < workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # every worker listening and linked
+            return [server]
+
+    return Host(f"meshd, {workers} workers", "meshd")
+
+
+def host_connections(work: Path, quick: bool = False) -> list[Result]:
+    """What one process cannot hold under this machine's 20,000-file limit, a host of workers can:
+    50,000 idle subscribed connections (3 workers), a storm of 20,000 (2 workers); and handshakes/s
+    with 2 workers against the relay (the client process shares the two cores)."""
+    import conns
+
+    seconds = 2.0 if quick else 5.0
+    relay = conns.Target("relay", "relay")
+    rows = [conns.handshakes(relay, work, seconds), conns.handshakes(host_target(2), work, seconds)]
+    rows.append(conns.idle_memory(host_target(3), work, 3_000 if quick else 50_000))
+    rows.append(conns.storm(host_target(2), work, 1_000 if quick else 20_000))
+    return rows
+
+
 def table(costs: list[Result], fanouts: list[Result], m: dict) -> str:
     rows = ["| fixed rate | host | deliveries/s | lost | host CPU (cores) | CPU µs per delivery | CPU µs per publish | "
             "loadgen CPU | steal |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -180,16 +220,28 @@ def group(work: Path, quick: bool = False) -> tuple[list[Result], list[Result], 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    p.add_argument("--only", nargs="*", choices=["cost", "connections"], default=["cost", "connections"],
+                   help="cost: parts 1-3; connections: 50,000 connections, a storm of 20,000, handshakes")
     p.add_argument("--out", type=Path, default=HERE / "results" / "workers.md")
     args = p.parse_args()
+    rows: list[Result] = []
+    text = f"Machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+    model_inputs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        costs, fanouts, m = group(Path(tmp), args.quick)
-    text = (f"Machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-            + table(costs, fanouts, m))
+        if "cost" in args.only:
+            costs, fanouts, model_inputs = group(Path(tmp), args.quick)
+            rows += costs + fanouts
+            text += table(costs, fanouts, model_inputs)
+        if "connections" in args.only:
+            import conns
+
+            host = host_connections(Path(tmp), args.quick)
+            rows += host
+            text += "\n" + conns.table(host)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"rows": [r.__dict__ for r in costs + fanouts], "model": m}, indent=1))
+        {"rows": [r.__dict__ for r in rows], "model": model_inputs}, indent=1))
     print(text)
 
 

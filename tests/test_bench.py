@@ -114,3 +114,22 @@ class MeshSimulationSmokeTests(unittest.SynchronousTestCase):
         for phase in ("fanout", "churn"):
             self.assertEqual((figures[phase]["missing"], figures[phase]["duplicates"], figures[phase]["out_of_order"]),
                              (0, 0, 0), phase)
+
+
+class WorkersBenchSmokeTests(unittest.SynchronousTestCase):
+    """bench/workers.py: the fixed-rate cost rows with 1 and 2 workers, and the model from them."""
+
+    def test_cost_rows_and_model(self) -> None:
+        import workers
+
+        work = Path(self.mktemp()).resolve()
+        work.mkdir(parents=True)
+        costs = [workers.cost(w, s, 200.0, 1.0, work) for s in (2, 6) for w in (1, 2)]
+        for result in costs:
+            self.assertEqual(result.figures["lost"], 0, result.figures)
+            self.assertGreater(result.figures["rate"], 0, result.figures)
+            self.assertGreater(result.figures["cpu_us_per_publish"], 0, result.figures)
+        model = workers.model(costs)
+        self.assertEqual(set(model), {"c_pub_us", "c_del_us", "c_hop_us", "c_del2_us"})
+        [(one, _), (two, _)] = workers.projection(model, 100, cores=(1, 2))
+        self.assertEqual((one, two), (1, 2))
