@@ -178,7 +178,7 @@ class Options(usage.Options):
 
             value = self["workers"]
             try:
-                workers = workers_value(value if value == "auto" else int(value))
+                workers = workers_value(int(value) if value.isdigit() else value)
             except ValueError as e:
                 problems.append(f"--workers: {e}")
         if self["worker"] is not None:
@@ -274,7 +274,18 @@ def check(config: Config, flag_modules: tuple[str, ...] = ()) -> list[str]:
             problems.append(f"{source}: {problem}")
     if config.mesh is not None:
         problems.extend(f"{where}{p}" for p in _mesh_problems(config))
+    problems.extend(_shared_problems(config))
     return problems
+
+
+def _shared_problems(config: Config) -> list[str]:
+    """Listeners a host's workers cannot share: a ``unix:`` socket is one process's (meshd.workers)."""
+    if config.workers <= 1:
+        return []
+    where = f"{config.source}: " if config.source is not None else ""
+    shared = [key for key in _listeners(config) if key[0] in ("websocket.listen", "web.listen", "api.listen")]
+    return [f"{where}{key}: {endpoint!r} is a unix: socket, which node.workers = {config.workers} cannot share; "
+            f"listen on tcp: or ssl:" for key, endpoint in shared if endpoint.lower().startswith("unix:")]
 
 
 def _load(path: "str | Path") -> tuple[Optional[Config], list[str]]:

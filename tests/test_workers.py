@@ -415,3 +415,23 @@ class RelayTests(unittest.TestCase):
         line = _json_line({"log_level": LogLevel.info, "log_format": "twistd starting",
                            "log_namespace": "twisted.scripts._twistd_unix.UnixAppLogger"}).encode()
         self.assertEqual(self.relayed(line.rstrip(b"\n")), [])
+
+
+class CheckTests(unittest.TestCase):
+    def test_workers_cannot_share_a_unix_listener(self) -> None:
+        from meshd.tap import check
+
+        config = Config(listen=("unix:/tmp/meshd-x.sock", "tcp:0:interface=127.0.0.1"), workers=2)
+        [problem] = check(config)
+        self.assertIn("websocket.listen: 'unix:/tmp/meshd-x.sock' is a unix: socket", problem)
+        self.assertEqual(check(Config(listen=("unix:/tmp/meshd-x.sock",), workers=1)), [])
+
+    def test_workers_key_and_flag(self) -> None:
+        from meshd.config import ConfigError, auto_workers, parse
+
+        self.assertEqual(parse({"node": {"workers": 3}}, Path("m.toml")).workers, 3)
+        self.assertEqual(parse({"node": {"workers": "auto"}}, Path("m.toml")).workers, auto_workers())
+        for bad in (0, 257, "many", True, 1.5):
+            with self.assertRaises(ConfigError) as caught:
+                parse({"node": {"workers": bad}}, Path("m.toml"))
+            self.assertIn("m.toml: node.workers: must be an integer from 1 to 256", str(caught.exception))
