@@ -57,9 +57,10 @@ request_rate = 0
 """
 
 
-def start(workers: int, work: Path) -> Server:
-    port = free_port()
-    server = Server("meshd", port, work, host_config(port, workers))
+def start(workers: int, work: Path, port: int = 0, config: str = "") -> Server:
+    """A host of ``workers`` (its own configuration on a free port unless given), once its workers are up."""
+    port = port or free_port()
+    server = Server("meshd", port, work, config or host_config(port, workers))
     if workers > 1:
         deadline = time.monotonic() + 30
         while len(descendants(server.proc.pid)) < workers and time.monotonic() < deadline:
@@ -152,12 +153,7 @@ def host_target(workers: int):
         def start(self, port: int, workdir: Path) -> list[Server]:
             config = conns.NODE_CONFIG.format(port=port, drain=self.drain).replace(
                 "[node]\n", f"[node]\nworkers = {workers}\n", 1)
-            server = Server("meshd", port, workdir, config)
-            deadline = time.monotonic() + 30
-            while len(descendants(server.proc.pid)) < workers and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(1.0)  # every worker listening and linked
-            return [server]
+            return [start(workers, workdir, port, config)]
 
     return Host(f"meshd, {workers} workers", "meshd")
 

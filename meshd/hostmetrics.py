@@ -30,15 +30,16 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
+
+from meshd.metrics import TEXT_FORMAT, QuietSite, json_answer
 
 if TYPE_CHECKING:
     from meshd.workers import Supervisor
 
 #: Seconds the supervisor waits for a worker's answer.
 ASK_TIMEOUT = 2.0
-_TEXT_FORMAT = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 @implementer(IAgentEndpointFactory)
@@ -102,7 +103,7 @@ class HostResource(Resource):
         if path == b"/healthz":
             workers = {str(w.index): {"state": w.state, "pid": w.pid, "starts": w.starts}
                        for w in self.supervisor.workers}
-            return _json(request, 200, {"status": "ok", "workers": workers})
+            return json_answer(request, 200, {"status": "ok", "workers": workers})
         if path not in (b"/metrics", b"/readyz"):
             request.setResponseCode(404)
             return b"not found: try /metrics, /healthz or /readyz\n"
@@ -133,7 +134,7 @@ class HostResource(Resource):
         families.extend(self._own(len(answers) - len(texts)))
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(families))
-        request.setHeader(b"content-type", _TEXT_FORMAT)
+        request.setHeader(b"content-type", TEXT_FORMAT)
         request.write(generate_latest(registry))
 
     def _own(self, unanswered: int) -> list[Metric]:
@@ -166,25 +167,9 @@ class HostResource(Resource):
             body: dict = {"status": "not ready", "workers": not_ready}
             if stopping:
                 body["draining"] = "the host is draining"
-            request.write(_json(request, 503, body))
+            request.write(json_answer(request, 503, body))
         else:
-            request.write(_json(request, 200, {"status": "ready", "workers": len(answers)}))
-
-
-def _json(request, code: int, body: dict) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(body).encode("utf-8") + b"\n"
-
-
-class HostSite(Site):
-    """The supervisor's metrics site: no access-log line per request."""
-
-    def log(self, request) -> None:
-        pass
-
-    def logPrefix(self) -> str:
-        return "Site"  # "Site starting on PORT", as a node's metrics listener logs
+            request.write(json_answer(request, 200, {"status": "ready", "workers": len(answers)}))
 
 
 def serve_host_metrics(supervisor: "Supervisor", endpoint: str) -> None:
@@ -193,6 +178,6 @@ def serve_host_metrics(supervisor: "Supervisor", endpoint: str) -> None:
 
     resource = HostResource(supervisor)
     supervisor.on_stop(resource.pool.closeCachedConnections)
-    service = Listening(endpoint, HostSite(resource))
+    service = Listening(endpoint, QuietSite(resource))
     service.setName(f"metrics:{endpoint}")
     service.setServiceParent(supervisor)

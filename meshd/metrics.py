@@ -48,7 +48,7 @@ _LINK_STATES = {
     "connecting": "handshaking", "awaiting_hello": "handshaking", "hello_sent": "handshaking",
     "open": "open", "closing": "closing",
 }
-_TEXT_FORMAT = b"text/plain; version=0.0.4; charset=utf-8"
+TEXT_FORMAT = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class Histogram:
@@ -351,27 +351,37 @@ class MetricsResource(Resource):
     def render_GET(self, request) -> bytes:
         path = request.path
         if path == b"/metrics":
-            request.setHeader(b"content-type", _TEXT_FORMAT)
+            request.setHeader(b"content-type", TEXT_FORMAT)
             return generate_latest(self.registry)
         if path == b"/healthz":
-            return _json(request, 200, {"status": "ok"})
+            return json_answer(request, 200, {"status": "ok"})
         if path == b"/readyz":
             reasons = self.health.not_ready()
             if reasons:
-                return _json(request, 503, {"status": "not ready", "not_ready": reasons})
-            return _json(request, 200, {"status": "ready"})
+                return json_answer(request, 503, {"status": "not ready", "not_ready": reasons})
+            return json_answer(request, 200, {"status": "ready"})
         request.setResponseCode(404)
         return b"not found: try /metrics, /healthz or /readyz\n"
 
 
-def _json(request, code: int, body: dict) -> bytes:
+def json_answer(request, code: int, body: dict) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(body).encode("utf-8") + b"\n"
 
 
-class MetricsSite(Site):
-    """The metrics listener's site: no access-log line per request (scrapers ask every few seconds)."""
+class QuietSite(Site):
+    """A metrics listener's site: no access-log line per request (scrapers ask every few seconds)."""
+
+    def log(self, request) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "Site"  # what Twisted logs on listening ("Site starting on PORT"), as with a plain Site
+
+
+class MetricsSite(QuietSite):
+    """A node's metrics site (:class:`MetricsResource`)."""
 
     def __init__(self, app: "Application") -> None:
         self.health = Health(app)
@@ -380,9 +390,3 @@ class MetricsSite(Site):
     def startFactory(self) -> None:
         super().startFactory()
         self.health.start()
-
-    def log(self, request) -> None:
-        pass
-
-    def logPrefix(self) -> str:
-        return "Site"  # what Twisted logs on listening ("Site starting on PORT"), as with a plain Site

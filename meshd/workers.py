@@ -41,7 +41,8 @@ A worker's lifecycle is a state machine (Automat), owned by
     stopping  exited    stopped   stopped() fires
     waiting,  stop      stopped   the restart is cancelled; stopped() fires
       idle
-    stopping  stop      stopping  nothing (one stop is under way)
+    stopping  stop      stopping  nothing (one stop is under way; it fires stopped() for both)
+    stopped   stop      stopped   stopped() fires
     stopped   start     running   spawn the process
     stopping  start     stopping  nothing: the stop goes on
 """
@@ -215,8 +216,6 @@ class WorkerProcess:
         waiter: Deferred = Deferred()
         self._waiters.append(waiter)
         self._machine.stop()
-        if self.state == "stopped":
-            self._fire_stopped()
         return waiter
 
     @property
@@ -248,16 +247,17 @@ class WorkerProcess:
         self._restart = self.reactor.callLater(delay, self._machine.due)
 
     def _terminate(self) -> None:
-        self._signal("TERM")
+        self.send_signal("TERM")
         self._kill = self.reactor.callLater(self.kill_after, self._killed)
 
     def _killed(self) -> None:
         self._kill = None
         self.log.warn("Worker {worker} did not stop within {seconds:.0f}s: killing it", worker=self.index,
                       seconds=self.kill_after)
-        self._signal("KILL")
+        self.send_signal("KILL")
 
-    def _signal(self, name: str) -> None:
+    def send_signal(self, name: str) -> None:
+        """Send the worker's process signal ``name`` (``"HUP"``...), if it runs."""
         if self.process is not None:
             try:
                 self.process.signalProcess(name)
@@ -318,7 +318,7 @@ _stopping.upon(_Inputs.stop).loop()(lambda inputs, worker: None)
 _stopping.upon(_Inputs.start).loop()(lambda inputs, worker: None)
 for _source in (_waiting, _idle):
     _source.upon(_Inputs.stop).to(_stopped)(_to("stopped", lambda worker: WorkerProcess._stopped(worker, None)))
-_stopped.upon(_Inputs.stop).loop()(lambda inputs, worker: None)
+_stopped.upon(_Inputs.stop).loop()(lambda inputs, worker: worker._fire_stopped())
 _WorkerMachine = _builder.build()
 
 
@@ -461,7 +461,7 @@ class Supervisor(MultiService):
     def reload(self) -> None:
         """Have every worker read its configuration again (each as a node does on SIGHUP)."""
         for worker in self.workers:
-            worker._signal("HUP")
+            worker.send_signal("HUP")
 
     def stopService(self) -> Deferred:
         """Stop every worker (each drains), then let the ports go; fires when all have ended."""

@@ -45,8 +45,8 @@ class NodeIdTests(unittest.TestCase):
         places = [Siblings(host, i, 3, Path("/run/x")) for i in range(3)]
         self.assertEqual(places[0].dialed(), {})
         self.assertEqual(set(places[2].dialed()), {worker_node_id(host, 0), worker_node_id(host, 1)})
-        self.assertTrue(places[1].dials(worker_node_id(host, 0)))
-        self.assertFalse(places[0].dials(worker_node_id(host, 1)))
+        self.assertIn(worker_node_id(host, 0), places[1].dialed())
+        self.assertNotIn(worker_node_id(host, 1), places[0].dialed())
         self.assertEqual(places[1].ids, {worker_node_id(host, i) for i in range(3)})
 
 

@@ -74,7 +74,3 @@ class Siblings:
     def dialed(self) -> "dict[UUID, str]":
         """The siblings this worker dials (those of lower index), by node id: ``unix:PATH`` addresses."""
         return {worker_node_id(self.host, i): f"unix:{link_path(self.directory, i)}" for i in range(self.index)}
-
-    def dials(self, node: UUID) -> bool:
-        """Whether this worker dials sibling ``node`` (else the sibling dials it)."""
-        return node in self.dialed()

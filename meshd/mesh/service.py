@@ -686,7 +686,7 @@ class Mesh(MultiService):
 
         Of two siblings, the higher-indexed one dials (the other waits).
         """
-        if self.siblings is not None and peer.node in self.siblings.ids:
+        if self._sibling(peer.node):
             address = self.siblings.dialed().get(peer.node)
             if address is not None:
                 self.dial(address)
